@@ -1,0 +1,25 @@
+"""Process-group helpers that also work when no process group is initialised (a world of 1)."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+
+def group_rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """Return ``(rank in group, group size)``; ``(0, 1)`` when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError(
+                "A process group was passed but torch.distributed is not initialised. Call "
+                "`torch.distributed.init_process_group` first (or launch with `torchrun`/`accelerate launch`), "
+                "or pass `group=None` for a single process."
+            )
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
+    """Global rank of ``group_rank`` in ``group`` (point-to-point ops address global ranks)."""
+    if group is None:
+        return group_rank
+    return dist.get_global_rank(group, group_rank)

@@ -1,0 +1,256 @@
+"""Block attention kernels that return the log-sum-exp, and the choice between them.
+
+Every backend computes, for one block of queries against one block of keys/values::
+
+    forward(q, k, v, causal, scale)                  -> (out, lse)
+    backward(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)
+
+Shapes: ``q`` ``[B, Hq, Sq, D]``; ``k``, ``v`` ``[B, Hkv, Sk, D]`` with ``Hq % Hkv == 0`` (not repeated);
+``out`` like ``q`` in the input dtype; ``lse`` ``[B, Hq, Sq]`` float32, natural log. ``causal`` is only used on
+square blocks (``Sq == Sk``) and then means the usual lower-triangular mask; the ring never asks a kernel
+for a rectangular causal block, so the kernels' differing alignments of that case never matter.
+
+The backward takes ``out`` and ``lse`` of the *whole* attention (all blocks merged), not of this block:
+with those, the flash-style backward of each block yields exactly its share of the global gradient.
+
+Kernel choice is a list of small ``supports`` checks, each returning ``None`` when the backend can run or a
+reason when it cannot; ``backend="auto"`` takes the first that can, in order of measured speed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+aten = torch.ops.aten
+
+ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
+BackwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One block kernel: its forward, backward and the check of whether it can run on given inputs."""
+
+    name: str
+    forward: ForwardFn
+    backward: BackwardFn
+    supports: Callable[[torch.Tensor, torch.Tensor], str | None]
+    native_gqa: bool
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _sum_kv_grad(dx: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return dx
+    b, h, s, d = dx.shape
+    return dx.view(b, h // groups, groups, s, d).sum(dim=2)
+
+
+# ----------------------------------------------------------------------------------------------- CPU flash
+
+
+def _cpu_flash_forward(q, k, v, causal, scale):
+    out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out, lse
+
+
+def _cpu_flash_backward(dout, q, k, v, out, lse, causal, scale):
+    return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, causal, scale=scale
+    )
+
+
+def _cpu_flash_supports(q, k):
+    if q.device.type != "cpu":
+        return f"it runs on CPU tensors only (got {q.device.type})"
+    if q.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype} is not supported"
+    return None
+
+
+# ------------------------------------------------------------------------------------------- CUDA kernels
+
+
+def _cuda_half_supports(max_head_dim: int) -> Callable[[torch.Tensor, torch.Tensor], str | None]:
+    def check(q, k):
+        if q.device.type != "cuda":
+            return f"it runs on CUDA tensors only (got {q.device.type})"
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return f"it needs float16 or bfloat16 inputs (got {q.dtype})"
+        if q.shape[-1] % 8 != 0 or q.shape[-1] > max_head_dim:
+            return f"head_dim must be a multiple of 8 and at most {max_head_dim} (got {q.shape[-1]})"
+        return None
+
+    return check
+
+
+def _cudnn_supports(q, k):
+    reason = _cuda_half_supports(128)(q, k)
+    if reason is None and torch.cuda.get_device_capability(q.device)[0] < 8:
+        reason = "cuDNN attention needs an Ampere or newer GPU"
+    return reason
+
+
+def _contiguous_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _cudnn_forward(q, k, v, causal, scale):
+    res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    return res[0], res[1].view(res[1].shape[:3])
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
+    empty = torch.empty(0, device=q.device)
+    # cuDNN reads LSE as [B, H, S, 1]; the output gradient must share the output's strides.
+    return aten._scaled_dot_product_cudnn_attention_backward(
+        dout.contiguous(), q, k, v, out.contiguous(), lse.unsqueeze(-1).contiguous(), empty, empty, None,
+        empty, empty, q.shape[2], k.shape[2], 0.0, causal, scale=scale,
+    )
+
+
+def _flash_forward(q, k, v, causal, scale):
+    res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    return res[0], res[1]
+
+
+def _flash_backward(dout, q, k, v, out, lse, causal, scale):
+    empty = torch.empty(0, device=q.device)
+    return aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse.contiguous(), empty, empty, q.shape[2], k.shape[2], 0.0, causal, empty, empty,
+        scale=scale,
+    )
+
+
+def _efficient_supports(q, k):
+    if q.device.type != "cuda":
+        return f"it runs on CUDA tensors only (got {q.device.type})"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} is not supported"
+    return None
+
+
+def _efficient_forward(q, k, v, causal, scale):
+    out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
+    # The kernel pads the LSE's sequence dimension to a multiple of 32.
+    return out, lse[..., : q.shape[2]]
+
+
+def _efficient_backward(dout, q, k, v, out, lse, causal, scale):
+    pad = (-lse.shape[-1]) % 32
+    lse = torch.nn.functional.pad(lse, (0, pad)) if pad else lse.contiguous()
+    empty = torch.empty(0, device=q.device, dtype=torch.int64)
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, k, v, None, out, lse, empty, empty, 0.0, [True, True, True, False], causal, scale=scale
+    )
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------- math (any)
+
+
+def _math_scores(q, k, causal, scale):
+    """Scores grouped by KV head: ``[B, Hkv, G, Sq, Sk]`` in at least float32."""
+    b, hq, sq, d = q.shape
+    hkv = k.shape[1]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qg = q.to(acc).reshape(b, hkv, hq // hkv, sq, d)
+    s = torch.einsum("bhgqd,bhkd->bhgqk", qg, k.to(acc)) * scale
+    if causal:
+        mask = torch.ones(sq, k.shape[2], dtype=torch.bool, device=q.device).triu(1)
+        s = s.masked_fill(mask, float("-inf"))
+    return s
+
+
+def _math_forward(q, k, v, causal, scale):
+    s = _math_scores(q, k, causal, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    out = torch.einsum("bhgqk,bhkd->bhgqd", p, v.to(p.dtype))
+    b, hq, sq, d = q.shape
+    return out.reshape(b, hq, sq, d).to(q.dtype), lse.reshape(b, hq, sq).float()
+
+
+def _math_backward(dout, q, k, v, out, lse, causal, scale):
+    b, hq, sq, d = q.shape
+    hkv = k.shape[1]
+    s = _math_scores(q, k, causal, scale)
+    acc = s.dtype
+    p = torch.exp(s - lse.to(acc).reshape(b, hkv, hq // hkv, sq, 1))
+    do = dout.to(acc).reshape(b, hkv, hq // hkv, sq, d)
+    dv = torch.einsum("bhgqk,bhgqd->bhkd", p, do)
+    dp = torch.einsum("bhgqd,bhkd->bhgqk", do, v.to(acc))
+    delta = (do * out.to(acc).reshape(do.shape)).sum(-1, keepdim=True)
+    ds = p * (dp - delta) * scale
+    dq = torch.einsum("bhgqk,bhkd->bhgqd", ds, k.to(acc)).reshape(q.shape)
+    dk = torch.einsum("bhgqk,bhgqd->bhkd", ds, q.to(acc).reshape(do.shape))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _math_supports(q, k):
+    return None
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("cudnn", _cudnn_forward, _cudnn_backward, _cudnn_supports, native_gqa=False),
+        Backend("flash", _flash_forward, _flash_backward, _cuda_half_supports(256), native_gqa=False),
+        Backend("efficient", _efficient_forward, _efficient_backward, _efficient_supports, native_gqa=False),
+        Backend("cpu_flash", _cpu_flash_forward, _cpu_flash_backward, _cpu_flash_supports, native_gqa=True),
+        Backend("math", _math_forward, _math_backward, _math_supports, native_gqa=True),
+    )
+}
+BACKEND_NAMES = ("auto", *BACKENDS)
+# Measured order on Hopper (docs/performance.md): cuDNN > flash > efficient; math is the last resort.
+_AUTO_ORDER = ("cudnn", "flash", "efficient", "cpu_flash", "math")
+
+
+def select_backend(name: str, q: torch.Tensor, k: torch.Tensor) -> Backend:
+    """Return the backend ``name`` (or the fastest that can run, for ``"auto"``) for these inputs.
+
+    Raises ``ValueError`` for an unknown name or an explicit backend that cannot run on the inputs.
+    """
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"`backend` must be one of {BACKEND_NAMES}, but got {name!r}.")
+    if name == "auto":
+        for candidate in _AUTO_ORDER:
+            if BACKENDS[candidate].supports(q, k) is None:
+                return BACKENDS[candidate]
+        raise AssertionError("the math backend supports every input")
+    reason = BACKENDS[name].supports(q, k)
+    if reason is not None:
+        raise ValueError(f"backend={name!r} cannot run on these inputs: {reason}. Use backend='auto'.")
+    return BACKENDS[name]
+
+
+def default_scale(head_dim: int) -> float:
+    """The softmax scale SDPA uses by default: ``1 / sqrt(head_dim)``."""
+    return 1.0 / math.sqrt(head_dim)
+
+
+def block_forward(backend: Backend, q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one block; handles GQA for kernels that need repeated K/V."""
+    groups = q.shape[1] // k.shape[1]
+    if not backend.native_gqa:
+        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    out, lse = backend.forward(q, k, v, causal, scale)
+    return out, lse.float()
+
+
+def block_backward(backend: Backend, dout, q, k, v, out, lse, causal: bool, scale: float):
+    """Gradient of one block given the merged ``out`` and ``lse``; ``dk``/``dv`` have ``Hkv`` heads."""
+    groups = q.shape[1] // k.shape[1]
+    if not backend.native_gqa:
+        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    dq, dk, dv = backend.backward(dout, q, k, v, out, lse, causal, scale)
+    if not backend.native_gqa:
+        dk, dv = _sum_kv_grad(dk, groups), _sum_kv_grad(dv, groups)
+    return dq, dk, dv

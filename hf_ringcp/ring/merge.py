@@ -1,0 +1,34 @@
+"""Merging partial attention results by their log-sum-exp (the online-softmax update)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """Fold one block's partial result into the running ``(out, lse)``, in place.
+
+    ``out`` ``[..., S, D]`` float32 and ``lse`` ``[..., S]`` float32 hold the attention of the queries over the
+    keys seen so far; ``block_out`` (any float dtype) and ``block_lse`` over a disjoint set of keys. With
+    ``a = lse`` and ``b = block_lse`` the softmax over the union of keys has normaliser ``log(e^a + e^b)`` and
+    output ``(e^a out + e^b block_out) / (e^a + e^b)``; rewritten with the sigmoid that is::
+
+        out <- out - sigmoid(b - a) * (out - block_out)
+        lse <- a - logsigmoid(a - b)          (= logaddexp(a, b))
+
+    which needs no exponentials of large numbers (cf. Milakov & Gimelshein 2018, "Online normalizer
+    calculation for softmax"; the same form as ring-flash-attention's ``_update_out_and_lse``).
+    Rows whose keys were all masked (``lse = -inf`` on both sides) stay unchanged instead of becoming NaN.
+    """
+    weight = torch.sigmoid(block_lse - lse).nan_to_num_(0.0).unsqueeze(-1)
+    out.sub_(weight * (out - block_out))
+    torch.logaddexp(lse, block_lse, out=lse)
+
+
+def merge_lse_reference(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge several partial results at once (exact, for tests): softmax weights over the blocks' LSEs."""
+    stacked_lse = torch.stack([x.double() for x in lses])
+    total = torch.logsumexp(stacked_lse, dim=0)
+    weights = torch.exp(stacked_lse - total).unsqueeze(-1)
+    out = (weights * torch.stack([o.double() for o in outs])).sum(0)
+    return out, total

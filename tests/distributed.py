@@ -1,0 +1,75 @@
+"""Multi-process test harness: run a function on N gloo ranks on CPU and return every rank's result.
+
+Children are spawned (fresh interpreters), so the function must live in an importable module. A rank that
+raises makes the whole call raise with that rank's traceback; a run that outlives ``timeout`` is killed and
+fails rather than hanging the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank: int, world_size: int, port: int, results, args, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+        out = fn(rank, world_size, *args)
+        results.put((rank, "ok", out))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0, env: dict[str, str] | None = None
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the results by rank."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    procs = [
+        ctx.Process(target=_entry, args=(fn, r, world_size, port, results, args, env), daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    collected: dict[int, tuple[str, Any]] = {}
+    try:
+        for _ in range(world_size):
+            rank, status, payload = results.get(timeout=timeout)
+            collected[rank] = (status, payload)
+            if status == "error":
+                raise AssertionError(f"rank {rank} failed:\n{payload}")
+    except queue.Empty as e:
+        raise AssertionError(f"distributed run timed out after {timeout}s; ranks done: {sorted(collected)}") from e
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [collected[r][1] for r in range(world_size)]

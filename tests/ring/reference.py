@@ -1,0 +1,23 @@
+"""Single-process reference attention in float64 for the parity tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_attention(q, k, v, causal: bool, scale: float | None = None) -> torch.Tensor:
+    """Plain softmax attention on the full sequence; ``q`` ``[B, Hq, S, D]``, ``k``/``v`` ``[B, Hkv, S, D]``."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        n = q.shape[2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Max-norm relative error ``max|x - ref| / max|ref|``."""
+    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
