@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
-ruff check hf_ringcp tests recipes benchmarks
+ruff check .
 python -m pytest tests "$@"
