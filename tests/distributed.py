@@ -7,6 +7,7 @@ fails rather than hanging the suite.
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import socket
@@ -36,7 +37,10 @@ def _entry(fn, rank: int, world_size: int, port: int, results, args, env: dict[s
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
         out = fn(rank, world_size, *args)
-        results.put((rank, "ok", out))
+        # Serialised, not put as-is: tensors would travel as file descriptors that die with this process.
+        buffer = io.BytesIO()
+        torch.save(out, buffer)
+        results.put((rank, "ok", buffer.getvalue()))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -72,4 +76,4 @@ def run_ranks(
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-    return [collected[r][1] for r in range(world_size)]
+    return [torch.load(io.BytesIO(collected[r][1]), weights_only=False) for r in range(world_size)]

@@ -1,6 +1,11 @@
 """Running a rank's planned kernel calls against one K/V buffer, forward and backward.
 
 Both ring variants (pass-KV and all-gather) differ only in how K/V reach a rank; the per-block work is here.
+
+Layout: the float32 accumulators are allocated with the strides of ``q`` (``empty_like``), and the backward
+brings ``dout`` to them once (:func:`like`), so that a row slice of ``q``, ``out`` and ``dout`` always has the
+same strides: the kernels then need no per-call copies (flash attention copies ``out``/``dout`` unless they are
+laid out like ``q``; cuDNN's cached backward graph requires it).
 """
 
 from __future__ import annotations
@@ -12,6 +17,14 @@ from hf_ringcp.ring.merge import merge_into
 from hf_ringcp.ring.plan import BlockCall
 
 
+def like(x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x`` (cast to ``dtype``) with the strides of ``ref``; ``x`` itself when it already has them."""
+    dtype = x.dtype if dtype is None else dtype
+    if x.dtype == dtype and x.stride() == ref.stride():
+        return x
+    return torch.empty_like(ref, dtype=dtype).copy_(x)
+
+
 class OutputAccumulator:
     """A rank's running attention output and LSE in float32, merged block by block.
 
@@ -19,7 +32,7 @@ class OutputAccumulator:
     """
 
     def __init__(self, q: torch.Tensor, chunk_len: int) -> None:
-        self.out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        self.out = torch.empty_like(q, dtype=torch.float32)
         self.lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         self.chunk_len = chunk_len
         self.touched = [False] * (q.shape[2] // chunk_len)
@@ -55,17 +68,80 @@ def forward_calls(
         acc.add(c.q, out, lse)
 
 
+class RowAccumulator:
+    """A float32 buffer filled by row ranges (dim -2) in chunks: the first write to a chunk copies, later ones add.
+
+    Replaces a zero-filled buffer plus ``+=`` (one pass over the buffer less, and one read less per first write);
+    :meth:`result` zero-fills the chunks nothing wrote.
+    """
+
+    def __init__(self, buf: torch.Tensor, chunk_len: int) -> None:
+        self.buf = buf
+        self.chunk_len = chunk_len
+        self.touched = [False] * (buf.shape[-2] // chunk_len)
+
+    def add(self, rows: slice, x: torch.Tensor) -> None:
+        first, last = rows.start // self.chunk_len, rows.stop // self.chunk_len
+        seen = self.touched[first:last]
+        if not any(seen):
+            self.buf[..., rows, :].copy_(x)
+        elif all(seen):
+            self.buf[..., rows, :] += x
+        else:
+            for a in range(first, last):
+                part = slice((a - first) * self.chunk_len, (a - first + 1) * self.chunk_len)
+                self.add(slice(a * self.chunk_len, (a + 1) * self.chunk_len), x[..., part, :])
+            return
+        self.touched[first:last] = [True] * (last - first)
+
+    def result(self) -> torch.Tensor:
+        for a, seen in enumerate(self.touched):
+            if not seen:
+                self.buf[..., a * self.chunk_len : (a + 1) * self.chunk_len, :].zero_()
+        return self.buf
+
+
+def backward_kernels(
+    calls: list[BlockCall], dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, dq: torch.Tensor | RowAccumulator, backend: Backend, scale: float,
+) -> list[tuple[BlockCall, torch.Tensor, torch.Tensor]]:
+    """Run the planned blocks' backward kernels, add into ``dq``; return each call's ``dk``, ``dv`` (``Hkv`` heads).
+
+    The K/V gradients are returned rather than added so that a ring can wait for the incoming dK/dV accumulator
+    between the kernels and the additions (:func:`add_kv_grads`), or file them by chunk.
+    """
+    grads = []
+    for c in calls:
+        bdq, bdk, bdv = block_backward(
+            backend, dout[:, :, c.q], q[:, :, c.q], k[:, :, c.kv], v[:, :, c.kv], out[:, :, c.q], lse[:, :, c.q],
+            c.causal, scale,
+        )
+        _add_rows(dq, c.q, bdq)
+        grads.append((c, bdk, bdv))
+    return grads
+
+
+def add_kv_grads(
+    grads: list[tuple[BlockCall, torch.Tensor, torch.Tensor]], dk: torch.Tensor | RowAccumulator,
+    dv: torch.Tensor | RowAccumulator,
+) -> None:
+    """Add the blocks' ``dk``/``dv`` into float32 buffer accumulators (tensors or :class:`RowAccumulator`)."""
+    for c, bdk, bdv in grads:
+        _add_rows(dk, c.kv, bdk)
+        _add_rows(dv, c.kv, bdv)
+
+
+def _add_rows(acc: torch.Tensor | RowAccumulator, rows: slice, x: torch.Tensor) -> None:
+    if isinstance(acc, RowAccumulator):
+        acc.add(rows, x)
+    else:
+        acc[:, :, rows] += x
+
+
 def backward_calls(
     calls: list[BlockCall], dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
     backend: Backend, scale: float,
 ) -> None:
     """Add the planned blocks' gradients into the float32 accumulators ``dq`` (local) and ``dk``/``dv`` (buffer)."""
-    for c in calls:
-        bdq, bdk, bdv = block_backward(
-            backend, dout[:, :, c.q], q[:, :, c.q], k[:, :, c.kv], v[:, :, c.kv], out[:, :, c.q], lse[:, :, c.q],
-            c.causal, scale,
-        )
-        dq[:, :, c.q] += bdq
-        dk[:, :, c.kv] += bdk
-        dv[:, :, c.kv] += bdv
+    add_kv_grads(backward_kernels(calls, dout, q, k, v, out, lse, dq, backend, scale), dk, dv)

@@ -19,6 +19,7 @@ reason when it cannot; ``backend="auto"`` takes the first that can, in order of 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,12 @@ BackwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 @dataclass(frozen=True)
 class Backend:
-    """One block kernel: its forward, backward and the check of whether it can run on given inputs."""
+    """One block kernel: its forward, backward and the check of whether it can run on given inputs.
+
+    ``native_gqa``: the op takes K/V with fewer heads than Q and returns dK/dV with those heads. Verified on an
+    H100 (torch 2.11, cuDNN 9.19) for cudnn and flash by ``benchmarks/check_cuda_kernels.py``; the efficient
+    kernel refuses such K/V, so :func:`block_forward`/:func:`block_backward` repeat them for it.
+    """
 
     name: str
     forward: ForwardFn
@@ -98,21 +104,31 @@ def _cudnn_supports(q, k):
     return reason
 
 
-def _contiguous_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _cudnn_forward(q, k, v, causal, scale):
     res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
-    return res[0], res[1].view(res[1].shape[:3])
+    lse = res[1]
+    return res[0], lse.squeeze(-1) if lse.dim() == 4 else lse
+
+
+@functools.cache
+def _cudnn_lse_is_4d() -> bool:
+    """Whether this torch's cuDNN attention returns (and its backward takes) the LSE as ``[B, H, S, 1]``."""
+    x = torch.empty(1, 1, 8, 8, device="meta", dtype=torch.bfloat16)
+    return aten._scaled_dot_product_cudnn_attention(x, x, x, None, True)[1].dim() == 4
 
 
 def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
+    # torch caches the cuDNN backward graph by the shapes and strides of q, k, v only, but bakes the strides of
+    # out, dout and the LSE into it: they must be a function of q's. Pass them with q's exact strides (the ring
+    # keeps them so; otherwise all three are made contiguous) and the LSE contiguous.
+    if out.stride() != q.stride() or dout.stride() != q.stride():
+        q, out, dout = q.contiguous(), out.contiguous(), dout.contiguous()
+    # cum_seq_q/k must be undefined (None): a defined tensor selects the nested-tensor (varlen) path.
+    lse = lse.contiguous().unsqueeze(-1) if _cudnn_lse_is_4d() else lse.contiguous()
     empty = torch.empty(0, device=q.device)
-    # cuDNN reads LSE as [B, H, S, 1]; the output gradient must share the output's strides.
     return aten._scaled_dot_product_cudnn_attention_backward(
-        dout.contiguous(), q, k, v, out.contiguous(), lse.unsqueeze(-1).contiguous(), empty, empty, None,
-        empty, empty, q.shape[2], k.shape[2], 0.0, causal, scale=scale,
+        dout, q, k, v, out, lse, empty, empty, None, None, None, q.shape[2], k.shape[2], 0.0,
+        causal, scale=scale,
     )
 
 
@@ -122,9 +138,10 @@ def _flash_forward(q, k, v, causal, scale):
 
 
 def _flash_backward(dout, q, k, v, out, lse, causal, scale):
+    # cum_seq_q/k must be undefined (None): a defined tensor selects the varlen kernel.
     empty = torch.empty(0, device=q.device)
     return aten._scaled_dot_product_flash_attention_backward(
-        dout, q, k, v, out, lse.contiguous(), empty, empty, q.shape[2], k.shape[2], 0.0, causal, empty, empty,
+        dout, q, k, v, out, lse.contiguous(), None, None, q.shape[2], k.shape[2], 0.0, causal, empty, empty,
         scale=scale,
     )
 
@@ -201,15 +218,16 @@ def _math_supports(q, k):
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("cudnn", _cudnn_forward, _cudnn_backward, _cudnn_supports, native_gqa=False),
-        Backend("flash", _flash_forward, _flash_backward, _cuda_half_supports(256), native_gqa=False),
+        Backend("cudnn", _cudnn_forward, _cudnn_backward, _cudnn_supports, native_gqa=True),
+        Backend("flash", _flash_forward, _flash_backward, _cuda_half_supports(256), native_gqa=True),
         Backend("efficient", _efficient_forward, _efficient_backward, _efficient_supports, native_gqa=False),
         Backend("cpu_flash", _cpu_flash_forward, _cpu_flash_backward, _cpu_flash_supports, native_gqa=True),
         Backend("math", _math_forward, _math_backward, _math_supports, native_gqa=True),
     )
 }
 BACKEND_NAMES = ("auto", *BACKENDS)
-# Measured order on Hopper (docs/performance.md): cuDNN > flash > efficient; math is the last resort.
+# Measured order on Hopper (docs/performance.md): cuDNN (~535-565 TFLOP/s causal fwd+bwd on H100) > flash (~320)
+# > efficient (~145); math is the last resort.
 _AUTO_ORDER = ("cudnn", "flash", "efficient", "cpu_flash", "math")
 
 

@@ -13,7 +13,7 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, bl
     ``a = lse`` and ``b = block_lse`` the softmax over the union of keys has normaliser ``log(e^a + e^b)`` and
     output ``(e^a out + e^b block_out) / (e^a + e^b)``; rewritten with the sigmoid that is::
 
-        out <- out - sigmoid(b - a) * (out - block_out)
+        out <- out + sigmoid(b - a) * (block_out - out)        (a lerp)
         lse <- a - logsigmoid(a - b)          (= logaddexp(a, b))
 
     which needs no exponentials of large numbers (cf. Milakov & Gimelshein 2018, "Online normalizer
@@ -21,7 +21,8 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, bl
     Rows whose keys were all masked (``lse = -inf`` on both sides) stay unchanged instead of becoming NaN.
     """
     weight = torch.sigmoid(block_lse - lse).nan_to_num_(0.0).unsqueeze(-1)
-    out.sub_(weight * (out - block_out))
+    # ``lerp_`` is ``out + weight * (block_out - out)`` in one pass (``end`` must share ``out``'s dtype).
+    out.lerp_(block_out.to(out.dtype), weight)
     torch.logaddexp(lse, block_lse, out=lse)
 
 

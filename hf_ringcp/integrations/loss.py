@@ -1,0 +1,232 @@
+"""Causal-LM loss on a context-parallel shard: chunked over tokens, normalised by the global token count.
+
+At long context the logits dominate memory (128K tokens x 128K vocab is 67 GB in float32), so the head and
+the cross-entropy run on chunks of tokens under activation checkpointing: one chunk's float32 logits exist at
+a time, in the forward and again in the backward. Each rank returns ``local_sum / N`` with ``N`` the token
+count over the whole group, so the losses of the ranks add up to the global mean and a SUM all-reduce of the
+gradients over the group gives the unsharded model's gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from hf_ringcp.integrations.batch import IGNORE_INDEX
+from hf_ringcp.integrations.context import get_context
+from hf_ringcp.ring.group import group_rank_and_size
+
+LogitsTransform = Callable[[torch.Tensor], torch.Tensor]
+
+# Batch entries that are loss inputs, not model inputs (`labels` would make the model compute full logits).
+_NOT_MODEL_INPUTS = ("shift_labels", "labels", "num_items_in_batch", "use_cache", "logits_to_keep")
+
+
+def _chunk_loss_sum(
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, transform: LogitsTransform | None
+) -> torch.Tensor:
+    logits = head(hidden).float()
+    if transform is not None:
+        logits = transform(logits)
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_cross_entropy_sum(
+    hidden: torch.Tensor,
+    head_module: torch.nn.Module,
+    labels: torch.Tensor,
+    chunk_size: int = 4096,
+    *,
+    logits_transform: LogitsTransform | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of ``head_module(hidden)`` against ``labels``, ``chunk_size`` tokens at a time.
+
+    Args:
+        hidden: ``[..., S, H]`` final hidden states (after the final norm).
+        head_module: the output head, called as a module on ``[n, H]`` chunks (so LoRA or ``modules_to_save``
+            wrappers around it take part); returns ``[n, V]`` logits.
+        labels: ``[..., S]`` target of each position, already aligned (``labels[..., i]`` is the token that
+            should follow ``hidden[..., i, :]``), ``-100`` where ignored.
+        chunk_size: tokens per chunk; the float32 logits of one chunk, ``[chunk_size, V]``, is the peak.
+        logits_transform: applied to the float32 logits of each chunk before the loss (e.g. soft-capping).
+
+    Returns:
+        ``(loss_sum, count)``: float32 scalar sum of the token losses, int64 scalar number of non-ignored
+        tokens. Under autograd each chunk is checkpointed: its logits are recomputed in the backward, never
+        stored.
+    """
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"`chunk_size` must be a positive int, but got {chunk_size!r}.")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"`hidden` {tuple(hidden.shape)} and `labels` {tuple(labels.shape)} must agree on all but the last "
+            "dimension ([..., S, H] and [..., S])."
+        )
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.long)
+    fn = functools.partial(_chunk_loss_sum, head=head_module, transform=logits_transform)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, flat_labels.numel(), chunk_size):
+        h, y = flat_hidden[start : start + chunk_size], flat_labels[start : start + chunk_size]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(fn, h, y, use_reentrant=False)
+        else:
+            total = total + fn(h, y)
+    return total, (flat_labels != IGNORE_INDEX).sum()
+
+
+def logits_transform_for(model: torch.nn.Module) -> LogitsTransform | None:
+    """The transform the model's own forward applies between its head and the loss, or ``None``.
+
+    Handles ``final_logit_softcapping`` (Gemma family: ``cap * tanh(logits / cap)``). Raises for
+    ``logit_scale`` / ``logits_scaling``, whose direction (multiply or divide) differs between model families.
+    """
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name in ("logit_scale", "logits_scaling"):
+        value = getattr(config, name, None)
+        if value is not None and value != 1.0:
+            raise ValueError(
+                f"The model config has {name}={value}, which some models multiply and others divide the logits "
+                f"by; causal_lm_loss cannot tell which. Pass it explicitly, e.g. "
+                f"logits_transform=lambda x: x * {value} (check the model's forward)."
+            )
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is None:
+        return None
+    cap = float(cap)
+    return lambda logits: torch.tanh(logits / cap) * cap
+
+
+def _cp_group(group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup | None, int]:
+    ctx = get_context()
+    if ctx is not None and group is None:
+        return ctx.group, ctx.world_size
+    if ctx is None:
+        if group is not None and group_rank_and_size(group)[1] > 1:
+            raise ValueError(
+                "causal_lm_loss was given a context-parallel `group` of size > 1 but no hf_ringcp.context_parallel "
+                "is active, so the attention would not span the group. Call it inside "
+                "`with hf_ringcp.context_parallel(group, layout=...)`."
+            )
+        return None, 1
+    return group, group_rank_and_size(group)[1]
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model that has ``get_decoder``/``get_output_embeddings`` under DDP/FSDP (``.module``) or compile wrappers.
+
+    A peft ``PeftModel`` already forwards both to the transformers model it wraps.
+    """
+    inner = model
+    while not (hasattr(inner, "get_decoder") and hasattr(inner, "get_output_embeddings")):
+        nested = getattr(inner, "module", None)
+        if nested is None:
+            nested = getattr(inner, "_orig_mod", None)
+        if nested is None:
+            raise TypeError(
+                f"causal_lm_loss needs a *ForCausalLM model (with get_decoder() and get_output_embeddings()), "
+                f"possibly wrapped by peft, DDP or torch.compile; got {type(model).__name__}."
+            )
+        inner = nested
+    return inner
+
+
+def _loss_through_forward(
+    model: torch.nn.Module, batch: Mapping[str, Any], labels: torch.Tensor, chunk_size: int,
+    transform: LogitsTransform | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the model's own forward, computing the chunked loss from the decoder output inside it.
+
+    Going through ``model(...)`` (not the decoder alone) keeps the wrappers' forward logic: DDP prepares its
+    gradient reduction there, peft applies its forward hooks. The head runs on chunks in a forward hook of the
+    decoder; the model's own head then sees an empty slice (``logits_to_keep`` with no positions).
+    """
+    inner = unwrap_model(model)
+    if getattr(getattr(inner, "active_peft_config", None), "is_prompt_learning", False):
+        raise ValueError(
+            "causal_lm_loss does not support peft prompt-learning methods (their virtual tokens change the "
+            "sequence length); use LoRA-style adapters."
+        )
+    head = inner.get_output_embeddings()
+    result: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_decoder_output(module, args, output) -> None:
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        result.append(chunked_cross_entropy_sum(hidden, head, labels, chunk_size, logits_transform=transform))
+
+    inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+    device = labels.device
+    handle = inner.get_decoder().register_forward_hook(on_decoder_output)
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=torch.empty(0, dtype=torch.long, device=device))
+    finally:
+        handle.remove()
+    if len(result) != 1:
+        raise RuntimeError(f"expected the decoder to run once in the model's forward, but it ran {len(result)} times.")
+    return result[0]
+
+
+def causal_lm_loss(
+    model: torch.nn.Module,
+    sharded_batch: Mapping[str, Any],
+    *,
+    group: dist.ProcessGroup | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int = 4096,
+    logits_transform: LogitsTransform | None = None,
+) -> torch.Tensor:
+    """This rank's share of the causal-LM loss: ``sum of local token losses / N``.
+
+    Runs the model's forward on the local tokens, taking the decoder output (``model.get_decoder()``) to the
+    output head (``model.get_output_embeddings()``, called as a module) and the cross-entropy in checkpointed
+    chunks, so full ``[S_local, V]`` logits are never held; the model's own head gets no positions
+    (``logits_to_keep``). Works for ``*ForCausalLM`` models, peft ``PeftModel`` wrappers of them (LoRA,
+    including on ``lm_head`` or as ``modules_to_save``) and DDP around either. Call it inside
+    :func:`~hf_ringcp.context_parallel`, and call ``backward()`` there too when gradient checkpointing is on.
+
+    Args:
+        model: a ``*ForCausalLM`` (or ``PeftModel``, possibly inside DDP) loaded with
+            ``attn_implementation="ring"``.
+        sharded_batch: the output of :func:`~hf_ringcp.shard_batch`: ``input_ids`` and ``position_ids``
+            ``[B, S_local]`` and ``shift_labels`` ``[B, S_local]`` (the target of each local token, ``-100``
+            where ignored); other entries go to the decoder.
+        group: the context-parallel group; ``None`` is the group of the active context (a world of 1 with
+            no active context).
+        num_items_in_batch: ``N``, the number of non-ignored targets across the whole CP group and all
+            gradient-accumulation micro-batches of the step; ``None`` counts this micro-batch's targets over
+            the group (one all-reduce).
+        chunk_size: tokens per head/loss chunk.
+        logits_transform: applied to float32 logits before the loss; by default derived from the model
+            config (``final_logit_softcapping``).
+
+    Returns:
+        float32 scalar ``local_sum / N``. The sum over the CP ranks is the global token-mean loss; after
+        ``backward()`` on every rank, a SUM all-reduce of the gradients over the CP group gives the gradients
+        of the unsharded model.
+    """
+    labels = sharded_batch.get("shift_labels")
+    if labels is None:
+        raise ValueError(
+            "causal_lm_loss needs `shift_labels` (labels shifted before sharding); build the batch with "
+            "hf_ringcp.shard_batch(batch, group, layout=...) from a batch that has `labels`."
+        )
+    group, world = _cp_group(group)
+    if logits_transform is None:
+        logits_transform = logits_transform_for(unwrap_model(model))
+    loss_sum, count = _loss_through_forward(model, sharded_batch, labels, chunk_size, logits_transform)
+    if num_items_in_batch is None:
+        if world > 1:
+            dist.all_reduce(count, group=group)
+        total = count
+    else:
+        total = torch.as_tensor(num_items_in_batch, device=loss_sum.device)
+    # An all-ignored step gives 0, not NaN.
+    return loss_sum / total.clamp(min=1).to(loss_sum.dtype)

@@ -1,0 +1,299 @@
+"""The Accelerate plugin: a (dp, cp) device mesh, per-group data, sharded batches and the exact loss.
+
+Accelerate's own ``ParallelismConfig(cp_size)`` only wraps torch's SDPA-swapping context parallel (FSDP2, no
+CPU, "sdpa" only), so hf_ringcp composes with a plain :class:`accelerate.Accelerator` instead:
+
+- the mesh is ``init_device_mesh(device, (dp, cp), mesh_dim_names=("dp_replicate", "cp"))``; the ``cp`` rows
+  are consecutive ranks (``rank = dp_rank * cp + cp_rank``), so a CP group stays on one node when it can;
+- the mesh is handed to Accelerate's state before dataloaders are prepared: Accelerate's
+  ``prepare_data_loader`` then gives every rank of a CP group the same batches (``process_index // cp``) and
+  splits the data over the ``dp`` groups only — no sample is skipped or seen twice;
+- DDP (or FSDP) averages gradients over all ``dp * cp`` ranks, so each rank's loss is
+  ``world * local_sum / N_global``: the average over ranks is then exactly the gradient of the global token mean.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from hf_ringcp.integrations.batch import shard_batch, shift_labels_of
+from hf_ringcp.integrations.context import COMM_NAMES, context_parallel
+from hf_ringcp.integrations.loss import causal_lm_loss
+from hf_ringcp.ring import BACKEND_NAMES, LAYOUTS
+from hf_ringcp.ring.group import group_rank_and_size
+
+ENV_PREFIX = "HF_RINGCP_"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _env_value(name: str, kind: type) -> Any:
+    raw = os.environ.get(ENV_PREFIX + name.upper())
+    if raw is None:
+        return None
+    if kind is bool:
+        if raw.lower() not in _TRUE + _FALSE:
+            raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a boolean; use one of {_TRUE + _FALSE}.")
+        return raw.lower() in _TRUE
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not an integer.") from None
+    return raw
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``PreTrainedModel`` inside DDP/FSDP/compile and peft wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def check_ring_model(model: torch.nn.Module) -> None:
+    """Raise ``ValueError`` unless ``model`` (possibly wrapped) uses ``attn_implementation="ring"``."""
+    base = unwrap_model(model)
+    impl = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    if impl != "ring":
+        raise ValueError(
+            f"The model uses attn_implementation={impl!r}, so it would train on each rank's shard alone. Load it "
+            "with `from_pretrained(..., attn_implementation='ring')` (after `import hf_ringcp`) or call "
+            "`model.set_attn_implementation('ring')`."
+        )
+
+
+def pad_batch_to_multiple(batch: Mapping[str, Any], multiple: int, pad_token_id: int = 0) -> dict[str, Any]:
+    """Pad ``[B, S]`` tensors at the end of the sequence so ``S`` is a multiple of ``multiple``.
+
+    ``input_ids`` get ``pad_token_id``; ``labels``/``shift_labels`` get ``-100`` (the padding is never a target;
+    ``shift_labels`` are derived from unpadded ``labels`` first so the last real token stays unsupervised).
+    Causal attention keeps real tokens from seeing the padding after them, so the loss is unchanged.
+    """
+    out = dict(batch)
+    ids = out.get("input_ids")
+    if ids is None:
+        raise ValueError("Padding to the CP sequence divisor needs `input_ids` [B, S] in the batch.")
+    seq_len = ids.shape[1]
+    pad = (-seq_len) % multiple
+    if pad == 0:
+        return out
+    if "labels" in out and "shift_labels" not in out:
+        out["shift_labels"] = shift_labels_of(out.pop("labels"))
+    for key, value in list(out.items()):
+        if not (torch.is_tensor(value) and value.dim() >= 2 and value.shape[1] == seq_len):
+            continue
+        if key == "attention_mask":
+            if not bool(value.all()):
+                raise ValueError("Padding to the CP divisor is only supported for batches without padding.")
+            out.pop(key)
+            continue
+        if key == "position_ids":
+            out.pop(key)  # shard_batch derives global positions
+            continue
+        fill = -100 if key in ("labels", "shift_labels") else pad_token_id
+        value_pad = value.new_full((value.shape[0], pad, *value.shape[2:]), fill)
+        out[key] = torch.cat([value, value_pad], dim=1)
+    return out
+
+
+@dataclass
+class ContextParallelPlugin:
+    """Context parallelism for an ``accelerate`` training loop (or the Trainer, via :class:`RingCPCallback`).
+
+    Every field left ``None`` falls back to the environment variable ``HF_RINGCP_<FIELD>`` (so an
+    ``accelerate launch`` config can carry it), then to its default.
+
+    Typical loop::
+
+        plugin = ContextParallelPlugin(cp_size=4)
+        accelerator = Accelerator()
+        model, optimizer, loader = plugin.prepare(accelerator, model, optimizer, loader)
+        with plugin.context():
+            for batch in loader:
+                batch = plugin.shard(batch)
+                loss = plugin.loss(model, batch)
+                accelerator.backward(loss)
+                optimizer.step(); optimizer.zero_grad()
+                print(plugin.loss_value(loss))   # the exact global token mean
+    """
+
+    cp_size: int | None = field(default=None, metadata={"help": "Ranks sharing one sequence (HF_RINGCP_CP_SIZE)."})
+    layout: str | None = field(default=None, metadata={"help": "'zigzag' (default) or 'contiguous'."})
+    comm: str | None = field(default=None, metadata={"help": "'p2p' (default) or 'allgather'."})
+    backend: str | None = field(default=None, metadata={"help": "Attention kernel; 'auto' (default) picks."})
+    loss_chunk_size: int | None = field(default=None, metadata={"help": "Tokens per chunked-loss chunk (4096)."})
+    pad_to_multiple: bool | None = field(
+        default=None, metadata={"help": "Pad sequences to the CP divisor with ignored labels instead of failing."}
+    )
+    pad_token_id: int | None = field(default=None, metadata={"help": "Token used for that padding (0)."})
+
+    _DEFAULTS: ClassVar[dict[str, Any]] = {
+        "cp_size": 1, "layout": "zigzag", "comm": "p2p", "backend": "auto", "loss_chunk_size": 4096,
+        "pad_to_multiple": False, "pad_token_id": 0,
+    }
+
+    def __post_init__(self) -> None:
+        kinds = {"cp_size": int, "loss_chunk_size": int, "pad_to_multiple": bool, "pad_token_id": int}
+        for f in fields(self):
+            if getattr(self, f.name) is None:
+                env = _env_value(f.name, kinds.get(f.name, str))
+                setattr(self, f.name, self._DEFAULTS[f.name] if env is None else env)
+        if not isinstance(self.cp_size, int) or self.cp_size < 1:
+            raise ValueError(f"`cp_size` must be a positive integer, but got {self.cp_size!r}.")
+        for name, valid in (("layout", LAYOUTS), ("comm", COMM_NAMES), ("backend", BACKEND_NAMES)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"`{name}` must be one of {valid}, but got {getattr(self, name)!r}.")
+        if self.loss_chunk_size < 1:
+            raise ValueError(f"`loss_chunk_size` must be positive, but got {self.loss_chunk_size}.")
+        self._mesh: DeviceMesh | None = None
+
+    # ------------------------------------------------------------------------------------------------ mesh
+
+    @property
+    def seq_divisor(self) -> int:
+        """Sequence lengths must be multiples of this: ``2 * cp_size`` for zigzag, ``cp_size`` otherwise."""
+        return 2 * self.cp_size if self.layout == "zigzag" else self.cp_size
+
+    @property
+    def world_size(self) -> int:
+        return group_rank_and_size(None)[1]
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.cp_size
+
+    def build_mesh(self, device_type: str | None = None) -> DeviceMesh:
+        """Build (once) the ``("dp_replicate", "cp")`` mesh over the whole world."""
+        if self._mesh is not None:
+            return self._mesh
+        if not dist.is_initialized():
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise RuntimeError(
+                    "torch.distributed is not initialised although WORLD_SIZE > 1: create the Accelerator (or call "
+                    "torch.distributed.init_process_group) before building the CP mesh."
+                )
+            # A plain `python script.py`: a one-rank group keeps every code path the same as under a launcher.
+            backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        world = dist.get_world_size()
+        if world % self.cp_size != 0:
+            raise ValueError(
+                f"The world size ({world}) is not divisible by cp_size ({self.cp_size}): launch a multiple of "
+                f"{self.cp_size} processes (e.g. `accelerate launch --num_processes {self.cp_size}`) or change cp_size."
+            )
+        if device_type is None:
+            device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        shape = (world // self.cp_size, self.cp_size)
+        self._mesh = init_device_mesh(device_type, shape, mesh_dim_names=("dp_replicate", "cp"))
+        return self._mesh
+
+    @property
+    def mesh(self) -> DeviceMesh:
+        return self.build_mesh()
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("cp")
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh.get_local_rank("dp_replicate")
+
+    @property
+    def cp_rank(self) -> int:
+        return self.mesh.get_local_rank("cp")
+
+    # ------------------------------------------------------------------------------------------ accelerate
+
+    def attach(self, accelerator: Any) -> None:
+        """Give ``accelerator`` the mesh so its dataloaders split data over the ``dp`` groups only."""
+        pc = getattr(accelerator, "parallelism_config", None)
+        if pc is not None and getattr(pc, "cp_size", 1) > 1:
+            raise ValueError(
+                f"Accelerate's own context parallelism is also set (parallelism_config.cp_size={pc.cp_size}). Use "
+                "one: remove `cp_size` from the Accelerate/Trainer parallelism config when using hf_ringcp."
+            )
+        mesh = self.build_mesh()
+        current = accelerator.state.device_mesh
+        if current is not None and current is not mesh:
+            raise ValueError(
+                f"The Accelerator already has a device mesh ({current.mesh_dim_names}); hf_ringcp needs to own it. "
+                "Remove the Accelerate parallelism_config (tp/fsdp meshes are not combined with hf_ringcp yet)."
+            )
+        accelerator.state.device_mesh = mesh
+
+    def prepare(self, accelerator: Any, *objects: Any) -> Any:
+        """``accelerator.prepare(*objects)`` after :meth:`attach`; checks every model uses ``"ring"``."""
+        self.attach(accelerator)
+        for obj in objects:
+            if isinstance(obj, torch.nn.Module):
+                check_ring_model(obj)
+        return accelerator.prepare(*objects)
+
+    # ---------------------------------------------------------------------------------------------- steps
+
+    def context(self) -> AbstractContextManager:
+        """:func:`hf_ringcp.context_parallel` over this plugin's CP group; keep forward *and* backward inside."""
+        return context_parallel(self.cp_group, layout=self.layout, comm=self.comm, backend=self.backend)
+
+    def shard(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """This rank's part of a full batch (see :func:`hf_ringcp.shard_batch`), padded first if configured."""
+        if self.pad_to_multiple:
+            batch = pad_batch_to_multiple(batch, self.seq_divisor, self.pad_token_id)
+        return shard_batch(batch, self.cp_group, layout=self.layout)
+
+    def count_items(self, sharded_batches: Iterable[Mapping[str, Any]]) -> torch.Tensor:
+        """Global number of loss targets over all ranks in the given (sharded) micro-batches — the ``N`` of a step."""
+        local = sum(int((b["shift_labels"] != -100).sum()) for b in sharded_batches)
+        total = torch.tensor(float(local), dtype=torch.float64, device=self._device())
+        dist.all_reduce(total)
+        return total
+
+    def loss(
+        self, model: torch.nn.Module, sharded_batch: Mapping[str, Any], num_items_in_batch: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The loss to call ``backward()`` on: ``world_size * local_sum / N``.
+
+        DDP/FSDP average gradients over all ranks, which turns this into the exact gradient of the global token
+        mean. ``num_items_in_batch`` is ``N`` for gradient accumulation (:meth:`count_items` over the step's
+        micro-batches); ``None`` counts this batch. :meth:`loss_value` gives the mean loss for logging.
+        """
+        if num_items_in_batch is None:
+            num_items_in_batch = self.count_items([sharded_batch])
+        local = causal_lm_loss(
+            model, sharded_batch, group=self.cp_group, num_items_in_batch=num_items_in_batch,
+            chunk_size=self.loss_chunk_size,
+        )
+        return local * self.world_size
+
+    def eval_loss(self, model: torch.nn.Module, sharded_batch: Mapping[str, Any]) -> torch.Tensor:
+        """The token-mean loss of the batch this CP group shares, identical on its ranks (for evaluation)."""
+        local = causal_lm_loss(model, sharded_batch, group=self.cp_group, chunk_size=self.loss_chunk_size)
+        total = local.detach().clone()
+        dist.all_reduce(total, group=self.cp_group)
+        return total
+
+    def loss_value(self, loss: torch.Tensor) -> float:
+        """The global token-mean loss from the per-rank values returned by :meth:`loss` (one all-reduce)."""
+        total = loss.detach().double().clone()
+        dist.all_reduce(total)
+        return total.item() / self.world_size
+
+    def _device(self) -> torch.device:
+        if self.mesh.device_type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")

@@ -1,0 +1,255 @@
+"""LoRA fine-tuning of a causal LM on long sequences under context parallelism (ring attention).
+
+    accelerate launch --config_file recipes/accelerate/<name>.yaml recipes/train_lora.py \\
+        --config recipes/<recipe>.yaml [--key value ...]
+
+Uses ``transformers.Trainer`` with :class:`hf_ringcp.RingCPCallback`, ``peft`` LoRA and ``datasets``. Prints the
+passkey accuracy before and after training (sharded forward: no rank ever holds the full sequence), the loss
+curve, tokens/s and peak memory; writes the Trainer's outputs (``trainer_state.json``, checkpoints with the
+adapter) and ``results.json`` to ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `recipes` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+
+from recipes.config import RecipeConfig, load_recipe, parse_overrides
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _print(*args: Any) -> None:
+    if _is_main():
+        print(*args, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+def load_model_and_tokenizer(cfg: RecipeConfig):
+    """The ``"ring"`` model (with LoRA) and its tokenizer, as the recipe asks."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    import hf_ringcp  # noqa: F401  (registers attn_implementation="ring")
+
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.model_name_or_path == "embedded":
+        from recipes.embedded import load_embedded_model
+
+        model, tokenizer = load_embedded_model(attn_implementation="ring", dtype=dtype)
+        for key, value in cfg.config_overrides.items():
+            setattr(model.config, key, value)
+    elif cfg.model_name_or_path == "tiny-random":
+        from recipes.data import build_tiny_tokenizer
+
+        tokenizer = build_tiny_tokenizer()
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(4096, cfg.seq_len),
+            tie_word_embeddings=False, **cfg.config_overrides,
+        )
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="ring", dtype=dtype)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
+        config = AutoConfig.from_pretrained(cfg.model_name_or_path)
+        for key, value in cfg.config_overrides.items():
+            setattr(config, key, copy.deepcopy(value))
+        if cfg.random_init:
+            torch.manual_seed(cfg.seed)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="ring", dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.model_name_or_path, config=config, attn_implementation="ring", dtype=dtype
+            )
+    model.config.use_cache = False
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
+        modules_to_save=["embed_tokens", "norm"] if cfg.train_embeddings_and_norms else None,
+    )
+    return get_peft_model(model, lora), tokenizer
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """LoRA training FLOPs per token (see hf_ringcp.integrations.metrics.lora_train_flops_per_token)."""
+    from hf_ringcp.integrations.metrics import lora_train_flops_per_token
+
+    config = model.get_base_model().config
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    return lora_train_flops_per_token(n_params, config.num_hidden_layers, config.hidden_size, seq_len)
+
+
+# -------------------------------------------------------------------------------------------------- data
+
+
+def build_datasets(cfg: RecipeConfig, tokenizer):
+    from recipes.data import build_dataset
+
+    train = build_dataset(cfg.dataset, tokenizer, cfg.seq_len, text_column=cfg.text_column, seed=cfg.seed,
+                          num_samples=cfg.num_train_samples)
+    held_out = cfg.eval_dataset if cfg.eval_dataset is not None else "passkey"
+    evaluation = build_dataset(held_out, tokenizer, cfg.seq_len, text_column=cfg.text_column, seed=cfg.seed + 1,
+                               num_samples=cfg.num_eval_samples, split="train")
+    if cfg.num_eval_samples and len(evaluation) > cfg.num_eval_samples:
+        evaluation = evaluation.select(range(cfg.num_eval_samples))
+    keep = ["input_ids", "labels"]
+    return train.select_columns(keep), evaluation.select_columns(keep)
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def passkey_accuracy(model, tokenizer, cfg: RecipeConfig, plugin) -> dict[str, float]:
+    """Teacher-forced passkey accuracy per (length, depth), from the sharded forward of each CP group.
+
+    Each rank computes logits only at its local answer-predicting positions (``logits_to_keep``), so no rank
+    holds full-sequence logits or tokens; hits are summed over the CP group. A sample counts as retrieved when
+    every digit of the key is predicted.
+    """
+    from recipes.passkey import generate_passkey_samples
+
+    model.eval()
+    cells: dict[str, list[float]] = {}
+    samples = generate_passkey_samples(
+        tokenizer, cfg.passkey_eval_samples * len(cfg.passkey_eval_lengths) * len(cfg.passkey_eval_depths),
+        cfg.passkey_eval_lengths, cfg.passkey_eval_depths, seed=cfg.seed + 12345,
+    )
+    device = next(model.parameters()).device
+    for sample in samples:
+        batch = {"input_ids": torch.tensor([sample.input_ids]), "labels": torch.tensor([sample.labels])}
+        sharded = {k: v.to(device) if torch.is_tensor(v) else v for k, v in plugin.shard(batch).items()}
+        targets = sharded.pop("shift_labels")
+        keep = (targets[0] != -100).nonzero().flatten()
+        with plugin.context():  # every CP rank joins the ring, even one holding no answer position
+            logits = model(**sharded, logits_to_keep=keep, use_cache=False).logits
+        hits = torch.tensor([(logits.argmax(-1)[0] == targets[0, keep]).sum().item(), len(keep)],
+                            dtype=torch.float64, device=device)
+        dist.all_reduce(hits, group=plugin.cp_group)
+        cell = f"len={sample.seq_len} depth={sample.depth:g}"
+        cells.setdefault(cell, []).append(float(hits[0] == hits[1]))
+    model.train()
+    return {cell: sum(v) / len(v) for cell, v in cells.items()}
+
+
+def _print_passkey_table(before: dict[str, float], after: dict[str, float]) -> None:
+    _print(f"{'passkey cell':<24} {'before':>7} {'after':>7}")
+    for cell in before:
+        _print(f"{cell:<24} {before[cell]:>7.2f} {after.get(cell, float('nan')):>7.2f}")
+    _print(f"{'mean':<24} {_mean(before.values()):>7.2f} {_mean(after.values()):>7.2f}")
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+
+def training_arguments(cfg: RecipeConfig):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=cfg.output_dir, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=1, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed, data_seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(), report_to=[], dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def run(cfg: RecipeConfig) -> dict[str, Any]:
+    """Train, evaluate and save; returns (and writes to ``output_dir/results.json``) the summary."""
+    from transformers import Trainer
+
+    from hf_ringcp.integrations.plugin import ContextParallelPlugin
+    from hf_ringcp.integrations.trainer_callback import RingCPCallback
+
+    cfg.check_world(_world_size())
+    args = training_arguments(cfg)  # initialises torch.distributed under accelerate launch / torchrun
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    train_data, eval_data = build_datasets(cfg, tokenizer)
+    plugin = ContextParallelPlugin(
+        cp_size=cfg.cp_size, layout=cfg.layout, comm=cfg.comm, backend=cfg.backend,
+        loss_chunk_size=cfg.loss_chunk_size,
+    )
+    peak = cfg.device_peak_tflops * 1e12 if cfg.device_peak_tflops else None
+    callback = RingCPCallback(plugin, model_flops_per_token=flops_per_token(model, cfg.seq_len),
+                              peak_flops_per_device=peak)
+    trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                      processing_class=tokenizer, callbacks=[callback])
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _print(f"model {cfg.model_name_or_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+           f"{trainable / 1e6:.2f}M trainable (LoRA r={cfg.lora_r}); world {_world_size()} = dp "
+           f"{plugin.dp_size} x cp {cfg.cp_size} ({cfg.layout}, {cfg.comm}); {cfg.seq_len} tokens per sample")
+
+    before = {} if cfg.skip_passkey_eval else passkey_accuracy(model, tokenizer, cfg, plugin)
+    resume = cfg.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+    metrics = trainer.evaluate()
+    after = {} if cfg.skip_passkey_eval else passkey_accuracy(model, tokenizer, cfg, plugin)
+    trainer.save_model(cfg.output_dir)
+
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    summary = {
+        "losses": [h["loss"] for h in logs],
+        "eval_loss": metrics["eval_loss"],
+        "eval_perplexity": math.exp(min(metrics["eval_loss"], 50.0)),
+        "passkey_before": before,
+        "passkey_after": after,
+        "tokens_per_second": _mean(h["tokens_per_second"] for h in logs[1:] or logs),
+        "tokens_per_second_per_device": _mean(h["tokens_per_second_per_device"] for h in logs[1:] or logs),
+        "peak_memory_gib": max((h["peak_memory_gib"] for h in logs), default=float("nan")),
+        "mfu": _mean(h["mfu"] for h in logs if "mfu" in h) if peak else None,
+    }
+    if _is_main():
+        _print("\nloss curve: " + " ".join(f"{x:.3f}" for x in summary["losses"]))
+        _print(f"held-out loss {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.2f})")
+        _print(f"throughput {summary['tokens_per_second']:.1f} tokens/s ({summary['tokens_per_second_per_device']:.1f}"
+               f" per device), peak memory {summary['peak_memory_gib']:.2f} GiB per rank")
+        if before:
+            _print_passkey_table(before, after)
+        _print(f"adapter saved to {cfg.output_dir}")
+        Path(cfg.output_dir, "results.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    config_path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        config_path, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
+    cfg = load_recipe(config_path, parse_overrides(argv))  # fails on bad values before any model loads
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
