@@ -101,6 +101,12 @@ def load_embedded_model(attn_implementation: str = "ring", dtype: torch.dtype = 
     model = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=name, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
     )
+    # transformers dequantises GGUF weights to `dtype` while loading, yet leaves the model marked as quantized,
+    # which makes Trainer refuse to fine-tune it. The weights are plain tensors: drop the stale marker.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.config.use_cache = False
     model.eval()
     if tokenizer.pad_token_id is None:

@@ -231,7 +231,7 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
     }
     if _is_main():
         _print("\nloss curve: " + " ".join(f"{x:.3f}" for x in summary["losses"]))
-        _print(f"held-out loss {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.2f})")
+        _print(f"held-out loss {summary['eval_loss']:.4g} (perplexity {summary['eval_perplexity']:.4g})")
         _print(f"throughput {summary['tokens_per_second']:.1f} tokens/s ({summary['tokens_per_second_per_device']:.1f}"
                f" per device), peak memory {summary['peak_memory_gib']:.2f} GiB per rank")
         if before:
