@@ -76,7 +76,11 @@ def load_model_and_tokenizer(cfg: RecipeConfig):
             setattr(config, key, copy.deepcopy(value))
         if cfg.random_init:
             torch.manual_seed(cfg.seed)
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="ring", dtype=dtype)
+            # Built straight on this rank's GPU: 8 processes each materialising an 8B model in host memory
+            # first would need ~128 GB of RAM and minutes.
+            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config, attn_implementation="ring", dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 cfg.model_name_or_path, config=config, attn_implementation="ring", dtype=dtype

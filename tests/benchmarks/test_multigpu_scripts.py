@@ -1,0 +1,75 @@
+"""The multi-GPU benchmark scripts under torchrun on 2 CPU (gloo) ranks at tiny sizes: they run, check and report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--device", "cpu", "--heads", "4", "2", "--head-dim", "16"]
+
+
+def _torchrun(script: str, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(ROOT / "benchmarks" / script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+
+
+def _table(stdout: str) -> list[dict[str, str]]:
+    """The markdown table printed by rank 0, as dicts of cells."""
+    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[1:]]
+
+
+def _written(out: Path, stem: str) -> dict:
+    (path,) = out.glob(f"{stem}_*.json")
+    assert path.with_suffix(".md").exists()
+    return json.loads(path.read_text())
+
+
+def test_nccl_parity_passes_on_two_gloo_ranks(tmp_path: Path) -> None:
+    proc = _torchrun("nccl_parity.py", *TINY, "--tokens-per-rank", "16", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _table(proc.stdout)
+    got = {(r["check"], r["dtype"], r["layout"], r["comm"]): r["result"] for r in rows}
+    expected = {("attention", dtype, layout, comm): "pass" for dtype in ("bfloat16", "float32")
+                for layout in ("zigzag", "contiguous") for comm in ("p2p", "allgather")}
+    expected.update({("lora_step", "float32", layout, comm): "pass" for layout in ("zigzag", "contiguous")
+                     for comm in ("p2p", "allgather")})
+    assert got == expected
+    assert all(r["P"] == "2" and r["kernel"] == "cpu_flash" for r in rows)
+    written = _written(tmp_path, "nccl_parity_p2")
+    assert written["env"]["dist_backend"] == "gloo" and len(written["rows"]) == len(expected)
+    assert all(r["worst"] <= r["tol"] for r in written["rows"])
+
+
+def test_nccl_parity_fails_out_of_tolerance_and_skips_what_cannot_run(tmp_path: Path) -> None:
+    proc = _torchrun("nccl_parity.py", *TINY, "--tokens-per-rank", "8", "--no-lora", "--dtypes", "float32",
+                     "--layouts", "zigzag", "--comms", "p2p", "--backends", "auto", "cudnn", "--tol-scale", "1e-12",
+                     "--out", str(tmp_path))
+    assert proc.returncode != 0
+    results = [r["result"] for r in _table(proc.stdout)]
+    assert results[0] == "FAIL" and results[1].startswith("skipped: it runs on CUDA tensors only")
+
+
+def test_cp_scaling_runs_and_skips_torch_cp_on_cpu(tmp_path: Path) -> None:
+    proc = _torchrun("cp_scaling.py", *TINY, "--tokens-per-rank", "32", "--dtype", "float32", "--warmup", "1",
+                     "--iters", "2", "--p1-ms", "cpu_flash=0.5", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {(r["impl"], r["comm"]): r for r in _table(proc.stdout)}
+    assert set(rows) == {("single", "-"), ("hf_ringcp", "p2p"), ("hf_ringcp", "allgather"),
+                         ("torch_cp", "allgather"), ("torch_cp", "alltoall")}
+    for key in (("single", "-"), ("hf_ringcp", "p2p"), ("hf_ringcp", "allgather")):
+        assert rows[key]["result"] == "ok" and rows[key]["kernel"] == "cpu_flash"
+    for key in (("torch_cp", "allgather"), ("torch_cp", "alltoall")):
+        assert rows[key]["result"] == "skipped: CPU (torch CP needs CUDA SDPA)"
+    written = {(r["impl"], r["comm"]): r for r in _written(tmp_path, "cp_scaling_p2")["rows"]}
+    ring = written[("hf_ringcp", "p2p")]
+    assert ring["S"] == 64 and len(ring["rank_ms"]) == 2 and ring["t1_ms"] == 0.5
+    assert ring["exposed_ms"] == ring["ms"] - ring["compute_ms"]
+    assert ring["weak_eff"] == 2 * 0.5 / ring["ms"]
