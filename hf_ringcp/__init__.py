@@ -9,6 +9,7 @@ from hf_ringcp.integrations import (
     register,
     shard_batch,
 )
+from hf_ringcp.integrations.memory import offload_to_cpu, tile_mlp
 from hf_ringcp.ring import local_positions, ring_attention, shard_sequence, unshard_sequence
 
 __version__ = "0.1.0"
@@ -37,10 +38,12 @@ __all__ = [
     "context_parallel",
     "get_context",
     "local_positions",
+    "offload_to_cpu",
     "register",
     "ring_attention",
     "shard_batch",
     "shard_sequence",
+    "tile_mlp",
     "unshard_sequence",
 ]
 

@@ -202,7 +202,8 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
     train_data, eval_data = build_datasets(cfg, tokenizer)
     plugin = ContextParallelPlugin(
         cp_size=cfg.cp_size, layout=cfg.layout, comm=cfg.comm, backend=cfg.backend,
-        loss_chunk_size=cfg.loss_chunk_size,
+        loss_chunk_size=cfg.loss_chunk_size, offload_activations=cfg.offload_activations,
+        mlp_tile_tokens=cfg.mlp_tile_tokens,
     )
     peak = cfg.device_peak_tflops * 1e12 if cfg.device_peak_tflops else None
     callback = RingCPCallback(plugin, model_flops_per_token=flops_per_token(model, cfg.seq_len),

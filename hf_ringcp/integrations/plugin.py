@@ -14,6 +14,7 @@ CPU, "sdpa" only), so hf_ringcp composes with a plain :class:`accelerate.Acceler
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
@@ -27,6 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from hf_ringcp.integrations.batch import shard_batch, shift_labels_of
 from hf_ringcp.integrations.context import COMM_NAMES, context_parallel
 from hf_ringcp.integrations.loss import causal_lm_loss
+from hf_ringcp.integrations.memory import offload_to_cpu, tile_mlp
 from hf_ringcp.ring import BACKEND_NAMES, LAYOUTS
 from hf_ringcp.ring.group import group_rank_and_size
 
@@ -51,8 +53,8 @@ def _env_value(name: str, kind: type) -> Any:
     return raw
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The ``PreTrainedModel`` inside DDP/FSDP/compile and peft wrappers."""
+def base_pretrained_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``PreTrainedModel`` inside DDP/FSDP/compile *and* peft wrappers (for its config)."""
     while True:
         if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
             model = model.module
@@ -66,7 +68,7 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def check_ring_model(model: torch.nn.Module) -> None:
     """Raise ``ValueError`` unless ``model`` (possibly wrapped) uses ``attn_implementation="ring"``."""
-    base = unwrap_model(model)
+    base = base_pretrained_model(model)
     impl = getattr(getattr(base, "config", None), "_attn_implementation", None)
     if impl != "ring":
         raise ValueError(
@@ -140,14 +142,23 @@ class ContextParallelPlugin:
         default=None, metadata={"help": "Pad sequences to the CP divisor with ignored labels instead of failing."}
     )
     pad_token_id: int | None = field(default=None, metadata={"help": "Token used for that padding (0)."})
+    offload_activations: bool | None = field(
+        default=None, metadata={"help": "Keep checkpointed layer inputs in pinned host memory (memory.offload_to_cpu)."}
+    )
+    mlp_tile_tokens: int | None = field(
+        default=None, metadata={"help": "Run each MLP over tiles of this many tokens (memory.tile_mlp); 0: off."}
+    )
 
     _DEFAULTS: ClassVar[dict[str, Any]] = {
         "cp_size": 1, "layout": "zigzag", "comm": "p2p", "backend": "auto", "loss_chunk_size": 4096,
-        "pad_to_multiple": False, "pad_token_id": 0,
+        "pad_to_multiple": False, "pad_token_id": 0, "offload_activations": False, "mlp_tile_tokens": 0,
     }
 
     def __post_init__(self) -> None:
-        kinds = {"cp_size": int, "loss_chunk_size": int, "pad_to_multiple": bool, "pad_token_id": int}
+        kinds = {
+            "cp_size": int, "loss_chunk_size": int, "pad_to_multiple": bool, "pad_token_id": int,
+            "offload_activations": bool, "mlp_tile_tokens": int,
+        }
         for f in fields(self):
             if getattr(self, f.name) is None:
                 env = _env_value(f.name, kinds.get(f.name, str))
@@ -159,6 +170,8 @@ class ContextParallelPlugin:
                 raise ValueError(f"`{name}` must be one of {valid}, but got {getattr(self, name)!r}.")
         if self.loss_chunk_size < 1:
             raise ValueError(f"`loss_chunk_size` must be positive, but got {self.loss_chunk_size}.")
+        if self.mlp_tile_tokens < 0:
+            raise ValueError(f"`mlp_tile_tokens` must be >= 0 (0 turns tiling off), but got {self.mlp_tile_tokens}.")
         self._mesh: DeviceMesh | None = None
 
     # ------------------------------------------------------------------------------------------------ mesh
@@ -241,8 +254,15 @@ class ContextParallelPlugin:
         self.attach(accelerator)
         for obj in objects:
             if isinstance(obj, torch.nn.Module):
-                check_ring_model(obj)
+                self.prepare_model(obj)
         return accelerator.prepare(*objects)
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """Check ``model`` uses ``"ring"`` and apply the opt-in MLP tiling (idempotent)."""
+        check_ring_model(model)
+        if self.mlp_tile_tokens and not getattr(model, "_hf_ringcp_tiled", False):
+            tile_mlp(model, self.mlp_tile_tokens)
+            model._hf_ringcp_tiled = True
 
     # ---------------------------------------------------------------------------------------------- steps
 
@@ -274,10 +294,11 @@ class ContextParallelPlugin:
         """
         if num_items_in_batch is None:
             num_items_in_batch = self.count_items([sharded_batch])
-        local = causal_lm_loss(
-            model, sharded_batch, group=self.cp_group, num_items_in_batch=num_items_in_batch,
-            chunk_size=self.loss_chunk_size,
-        )
+        with offload_to_cpu() if self.offload_activations else contextlib.nullcontext():
+            local = causal_lm_loss(
+                model, sharded_batch, group=self.cp_group, num_items_in_batch=num_items_in_batch,
+                chunk_size=self.loss_chunk_size,
+            )
         return local * self.world_size
 
     def eval_loss(self, model: torch.nn.Module, sharded_batch: Mapping[str, Any]) -> torch.Tensor:

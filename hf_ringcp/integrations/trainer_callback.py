@@ -25,7 +25,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from hf_ringcp.integrations.metrics import ThroughputMeter
-from hf_ringcp.integrations.plugin import ContextParallelPlugin, check_ring_model
+from hf_ringcp.integrations.plugin import ContextParallelPlugin
 
 
 def _find_trainer(callback: TrainerCallback) -> Trainer:
@@ -94,7 +94,7 @@ class RingCPCallback(TrainerCallback):
     def on_init_end(self, args, state, control, **kwargs):
         trainer = _find_trainer(self)
         _check_trainer_api(trainer)
-        check_ring_model(trainer.model)
+        self.plugin.prepare_model(trainer.model)
         self.plugin.attach(trainer.accelerator)
         if self.plugin.pad_to_multiple and self.plugin.pad_token_id == 0:
             pad = getattr(getattr(trainer, "processing_class", None), "pad_token_id", None)

@@ -116,3 +116,28 @@ def test_padding_keeps_the_targets() -> None:
     padded = pad_batch_to_multiple(batch, 4, pad_token_id=99)
     assert padded["input_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 99, 99]]
     assert padded["shift_labels"].tolist() == [[1, 2, 3, 4, 5, -100, -100, -100]]
+
+
+def _loss_and_grads(rank: int, world: int) -> float:
+    from tests.integrations.tiny import CONFIG
+
+    batch = {k: v[None] for k, v in token_samples(1, SEQ)[0].items() if k != "idx"}
+    results = []
+    for savers in ({}, {"offload_activations": True, "mlp_tile_tokens": 2}):
+        plugin = ContextParallelPlugin(cp_size=world, **savers)
+        model = tiny_lora_llama("ring")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        plugin.prepare_model(model)
+        with plugin.context():
+            loss = plugin.loss(model, plugin.shard(batch))
+            loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        results.append((loss.detach(), grads))
+    assert CONFIG.intermediate_size > 2
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert rel_error(loss_b, loss_a) <= 1e-6
+    return rel_error(grads_b, grads_a)
+
+
+def test_memory_savers_change_no_number() -> None:
+    assert max(run_ranks(_loss_and_grads, 2)) <= 1e-5

@@ -1,0 +1,662 @@
+"""One LoRA training step of a Llama-3.1-8B-shaped model on one GPU: hf_ringcp's path against stock Transformers.
+
+The model is built from the Llama-3.1-8B config (hidden 4096, intermediate 14336, 32 layers, 32 / 8 heads, vocab
+128,256, llama3 RoPE scaling) with random bf16 weights made directly on the GPU; nothing is downloaded. peft
+LoRA r = 16 on all linear layers (peft's defaults otherwise: float32 adapters), non-reentrant gradient
+checkpointing on every layer, AdamW on the LoRA parameters, batch 1, random tokens.
+
+Variants (one model; the attention is switched with ``set_attn_implementation``, the LoRA weights and the
+optimizer are reset before every point, so every variant starts from the same state):
+
+- ``stock``: ``attn_implementation="sdpa"``, the model's own loss (``model(input_ids, labels=labels).loss``).
+- ``ours``: ``"ring"`` inside ``hf_ringcp.context_parallel()`` at world size 1 (= torch SDPA's own dispatch),
+  batch from ``shard_batch``, loss from ``causal_lm_loss`` (chunked, checkpointed cross-entropy).
+- ``ours_cudnn``: as ``ours``, attention by ``hf_ringcp.ring_attention`` at world size 1 (the ring's cuDNN block
+  kernel, GQA-native), registered for this benchmark under its own key.
+- ``ours_mem``: the faster of those two at 32K, plus ``hf_ringcp.integrations.memory``: the forward under
+  ``offload_to_cpu()`` (checkpointed layer inputs in pinned host memory) and ``tile_mlp`` (the MLP over tiles of
+  tokens, each under its own checkpoint).
+- ``ours_cudnn_bf16``: ``ours_cudnn`` with the LoRA weights in bf16 (peft ``autocast_adapter_dtype=False``), to
+  show what peft's float32 adapters cost.
+
+Per point: step time (CUDA events, median of the timed steps after one warm-up), tokens/s, MFU, peak memory
+(``torch.cuda.max_memory_allocated``), memory after the forward, and the loss of the first step (equal across
+variants at one length: a correctness check). An out-of-memory error is caught, memory freed, and the point
+recorded as ``OOM``. Then, per variant, the longest length that trains is searched in multiples of 8K, within a
+time budget (a probe is one step; probes predicted to overrun the budget are skipped and reported).
+
+MFU (causal-aware, recomputation not counted): ``tokens/s * (4 * N + 6 * L * h * S) / peak`` with ``N`` the
+matmul parameters (all but the input embedding; the LM head counts), ``L * h`` = 32 * 4096 and the peak 989
+TFLOP/s (H100 SXM dense bf16), also against the 731 TFLOP/s measured for a bf16 matmul
+(``hf_ringcp.integrations.metrics.lora_train_flops_per_token``). The ideal step time counts the work actually
+done, recomputation included: ``6 * N * S / 731 TFLOP/s`` (forward, recompute, input-gradient matmuls) plus
+``L * 9 * Hq * S^2 * D / R(S)`` (causal attention forward 2, backward 5, recompute 2, in units of
+``Hq * S^2 * D``) at the cuDNN rate ``R(S)`` measured on this H100 (FACTS.md, docs/performance.md).
+
+Usage::
+
+    PYTHONPATH=$PWD python benchmarks/train_step.py --out benchmarks/results          # GPU, ~8 minutes
+    PYTHONPATH=$PWD python benchmarks/train_step.py --points ours:106496 --points-as-probes --search \
+        --profile ours:32768                                                          # probes, a profile
+    PYTHONPATH=$PWD python benchmarks/train_step.py --dry-run                         # CPU, tiny model
+
+Set ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``: the results in ``benchmarks/results`` were taken with it
+(with it the stock 32K step fits in 71 GiB; an earlier stock run, setting not recorded, ran out of memory there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import gc
+import itertools
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import hf_ringcp
+from benchmarks.common import cuda_time_ms, env_info, markdown_table, write_results
+from hf_ringcp.integrations.memory import offload_to_cpu, tile_mlp
+from hf_ringcp.integrations.metrics import lora_train_flops_per_token, peak_memory_gib
+
+K = 1024
+PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
+MATMUL_TFLOPS = 731.0  # measured: bf16 8192^3 matmul on the lent H100 (FACTS.md)
+# cuDNN SDPA causal fwd+bwd TFLOP/s on the H100 (FACTS.md; 128K from docs/performance.md), by sequence length.
+CUDNN_TFLOPS = {8 * K: 527.0, 16 * K: 528.0, 32 * K: 561.0, 128 * K: 535.0}
+W1_KEY = "hf_ringcp_bench_ring_world1"
+
+FULL_CONFIG = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+    tie_word_embeddings=False, use_cache=False, bos_token_id=128000, eos_token_id=128001,
+)
+TINY_CONFIG = dict(FULL_CONFIG, vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                   rope_scaling=dict(FULL_CONFIG["rope_scaling"], original_max_position_embeddings=256),
+                   bos_token_id=None, eos_token_id=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    attn: str  # "sdpa", "ring", W1_KEY or "best" (the faster of "ring" and W1_KEY at the reference length)
+    stock_loss: bool = False
+    memory: bool = False  # offload_to_cpu + tile_mlp
+    lora_bf16: bool = False
+
+
+VARIANTS = {
+    "stock": Variant("sdpa", stock_loss=True),
+    "ours": Variant("ring"),
+    "ours_cudnn": Variant(W1_KEY),
+    "ours_mem": Variant("best", memory=True),
+    "ours_cudnn_bf16": Variant(W1_KEY, lora_bf16=True),
+}
+
+
+def cudnn_rate(s: int) -> float:
+    """cuDNN causal attention TFLOP/s at ``s`` tokens, interpolated in log2(s) between the measured lengths."""
+    xs = sorted(CUDNN_TFLOPS)
+    if s <= xs[0]:
+        return CUDNN_TFLOPS[xs[0]]
+    for lo, hi in itertools.pairwise(xs):
+        if s <= hi:
+            w = (math.log2(s) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+            return CUDNN_TFLOPS[lo] + w * (CUDNN_TFLOPS[hi] - CUDNN_TFLOPS[lo])
+    return CUDNN_TFLOPS[xs[-1]]
+
+
+def make_world1_attention(backend: str):
+    """An attention function for the registry: ``hf_ringcp.ring_attention`` at world size 1 with ``backend``."""
+
+    def ring_world1(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if attention_mask is not None or dropout:
+            raise ValueError("the world-1 ring benchmark attention takes no mask and no dropout")
+        out = hf_ringcp.ring_attention(query, key, value, None, causal=True, scale=scaling, layout="contiguous",
+                                       comm="p2p", backend=backend)
+        return out.transpose(1, 2).contiguous(), None
+
+    return ring_world1
+
+
+class FakeOOM:
+    """Dry runs only: raise an out-of-memory error in the forward above a length per variant (tests the handling)."""
+
+    def __init__(self, limits: dict[str, int]) -> None:
+        self.limits, self.variant = limits, None
+
+    def __call__(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[-1] > self.limits.get(self.variant, 1 << 62):
+            raise torch.OutOfMemoryError(f"fake OOM: {self.variant} at {ids.shape[-1]} tokens (dry run)")
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig
+
+        self.args = args
+        self.device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
+        self.cuda = self.device.type == "cuda"
+        dtype = torch.bfloat16 if self.cuda else torch.float32
+        AttentionInterface.register(W1_KEY, make_world1_attention("cudnn" if self.cuda else "auto"))
+        self.config = LlamaConfig(**(TINY_CONFIG if args.dry_run else FULL_CONFIG))
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        with torch.device(self.device), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(self.config), attn_implementation="ring",
+                                                     dtype=dtype)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.n_total = sum(p.numel() for p in model.parameters())
+        self.n_matmul = self.n_total - model.get_input_embeddings().weight.numel()
+        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        torch.manual_seed(1)
+        self.model = get_peft_model(model, lora).train()  # autocast_adapter_dtype=True: float32 adapters
+        self.inner = self.model.get_base_model()
+        self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.n_lora = sum(p.numel() for _, p in self.trainable)
+        self.lora_init = {n: p.detach().to("cpu", copy=True) for n, p in self.trainable}
+        self.build_s = time.perf_counter() - t0
+        self.capacity_gib = (torch.cuda.get_device_properties(0).total_memory / 2**30) if self.cuda else None
+        self.fake_oom = None
+        if args.dry_run:
+            self.fake_oom = FakeOOM(dict(stock=384, ours=768, ours_cudnn=768, ours_cudnn_bf16=768, ours_mem=1200))
+            self.inner.get_decoder().register_forward_pre_hook(self.fake_oom, with_kwargs=True)
+        self.rows: list[dict[str, Any]] = []
+        self.best_attn: str | None = None
+        self.t_start = time.perf_counter()
+        self.log(f"model built in {self.build_s:.1f} s on {self.device}: {self.n_total / 1e9:.3f}B params "
+                 f"({self.n_matmul / 1e9:.3f}B in matmuls), LoRA {self.n_lora / 1e6:.1f}M "
+                 f"({self.trainable[0][1].dtype}); rope {self.config.rope_parameters}")
+
+    # ------------------------------------------------------------------------------------------------ utils
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - getattr(self, 't_start', time.perf_counter()):7.1f}s] {msg}", flush=True)
+
+    def left_s(self) -> float:
+        return self.args.time_budget - (time.perf_counter() - self.t_start)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def mem_gib(self) -> tuple[float | None, float | None]:
+        if not self.cuda:
+            return None, None
+        return torch.cuda.memory_allocated() / 2**30, torch.cuda.max_memory_allocated() / 2**30
+
+    def free(self) -> None:
+        for _, p in self.trainable:
+            p.grad = None
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def attn_of(self, v: Variant) -> str:
+        return (self.best_attn or "ring") if v.attn == "best" else v.attn
+
+    def set_attn(self, name: str) -> None:
+        if self.inner.config._attn_implementation != name:
+            self.inner.set_attn_implementation(name)
+
+    def reset_lora(self, bf16: bool) -> torch.optim.Optimizer:
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        with torch.no_grad():
+            for n, p in self.trainable:
+                p.data = self.lora_init[n].to(device=self.device, dtype=dtype, copy=True)
+        return torch.optim.AdamW([p for _, p in self.trainable], lr=1e-5)
+
+    # ---------------------------------------------------------------------------------------------- model
+
+    def ideal_s(self, s: int) -> float:
+        c = self.config
+        head_dim = c.hidden_size // c.num_attention_heads
+        matmul = 6 * self.n_matmul * s / (MATMUL_TFLOPS * 1e12)
+        attn = c.num_hidden_layers * 9 * c.num_attention_heads * s * s * head_dim / (cudnn_rate(s) * 1e12)
+        return matmul + attn
+
+    def predict_s(self, name: str, s: int) -> float:
+        """Step time predicted from this variant's measured steps (else any variant's), else from the ideal."""
+        pts = [(r["seq_len"], r["step_s"]) for r in self.rows if r.get("step_s") and r["variant"] == name]
+        pts = pts or [(r["seq_len"], r["step_s"]) for r in self.rows if r.get("step_s")]
+        if not pts:
+            return 2.0 * self.ideal_s(s)
+        # time ~ ideal(s) * ratio, with the ratio of the nearest measured length
+        s0, t0 = min(pts, key=lambda p: abs(math.log2(p[0] / s)))
+        return t0 * self.ideal_s(s) / self.ideal_s(s0)
+
+    # ----------------------------------------------------------------------------------------------- step
+
+    def step(self, v: Variant, batch: dict[str, torch.Tensor], opt, first: bool, info: dict[str, Any]) -> float:
+        model = self.model
+        if v.stock_loss:
+            loss = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+            if first:
+                self.sync()
+                info["after_fwd_gib"], info["fwd_peak_gib"] = self.mem_gib()
+            loss.backward()
+        else:
+            with hf_ringcp.context_parallel():
+                ctx = offload_to_cpu() if v.memory else contextlib.nullcontext()
+                with ctx as stats:
+                    loss = hf_ringcp.causal_lm_loss(model, batch["sharded"], chunk_size=self.args.chunk_size)
+                if first:
+                    self.sync()
+                    info["after_fwd_gib"], info["fwd_peak_gib"] = self.mem_gib()
+                    if stats is not None:
+                        info["offloaded_gib"] = stats.bytes / 2**30
+                loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def measure(self, name: str, s: int, warmup: int | None = None, iters: int | None = None,
+                probe: bool = False) -> dict[str, Any]:
+        v = VARIANTS[name]
+        attn = self.attn_of(v)
+        row: dict[str, Any] = dict(variant=name, attn=attn, seq_len=s, probe=probe, lora_dtype="bf16" if v.lora_bf16
+                                   else "fp32", memory_savers=v.memory)
+        smaller_oom = [r for r in self.rows if r["variant"] == name and r["status"] == "OOM" and r["seq_len"] < s]
+        if smaller_oom:
+            row["status"] = f"OOM (not run: OOM at {smaller_oom[0]['seq_len'] // K}K)"
+            return self.record(row)
+        est = self.predict_s(name, s)
+        if warmup is None:
+            warmup = 1
+        if iters is None:
+            iters = max(1, min(self.args.max_iters, int(self.args.point_seconds / max(est, 1e-3))))
+        need = est * (warmup + iters) * 1.15 + 5
+        if need > self.left_s():
+            row["status"] = f"skipped (time: needs ~{need:.0f} s, {self.left_s():.0f} s left)"
+            return self.record(row)
+        self.log(f"{name} ({attn}) S={s}: warmup {warmup}, {iters} timed, predicted {est:.1f} s/step")
+        self.set_attn(attn)
+        if self.fake_oom is not None:
+            self.fake_oom.variant = name
+        g = torch.Generator().manual_seed(s)
+        ids = torch.randint(0, self.config.vocab_size, (1, s), generator=g).to(self.device)
+        batch = {"input_ids": ids, "labels": ids}
+        if not v.stock_loss:
+            batch["sharded"] = hf_ringcp.shard_batch({"input_ids": ids, "labels": ids})
+        opt = self.reset_lora(v.lora_bf16)
+        tiles = tile_mlp(self.model, self.args.tile_tokens) if v.memory else None
+        self.free()
+        times: list[float] = []
+        oom = None
+        try:
+            for i in range(warmup + iters):
+                self.sync()
+                t0 = time.perf_counter()
+                loss = self.step(v, batch, opt, first=i == 0, info=row)
+                self.sync()
+                times.append(time.perf_counter() - t0)
+                if i == 0:
+                    row["loss"] = float(loss)
+                    row["first_step_s"] = times[0]
+        except torch.OutOfMemoryError as e:  # `e` (and its traceback, holding the step's tensors) dies here
+            oom = str(e).splitlines()[0][:200]
+        finally:
+            if tiles is not None:
+                tiles.remove()
+        del opt, batch
+        self.free_after(row)
+        if oom is not None:
+            row.update(status="OOM", oom_message=oom, steps_done=len(times))
+            self.log(f"  OOM after {len(times)} steps: {oom[:120]}")
+            return self.record(row)
+        timed = times[warmup:] or times
+        step_s = statistics.median(timed)
+        c = self.config
+        flops_tok = lora_train_flops_per_token(self.n_matmul, c.num_hidden_layers, c.hidden_size, s)
+        tok_s = s / step_s
+        row.update(
+            status="ok", step_s=step_s, steps_s=timed, tokens_per_s=tok_s,
+            mfu_989=tok_s * flops_tok / (PEAK_TFLOPS * 1e12), mfu_731=tok_s * flops_tok / (MATMUL_TFLOPS * 1e12),
+            ideal_s=self.ideal_s(s), pct_of_ideal=self.ideal_s(s) / step_s,
+        )
+        self.log(f"  {step_s:.2f} s/step, {tok_s:,.0f} tok/s, MFU {row['mfu_989']:.1%}, "
+                 f"{row['pct_of_ideal']:.1%} of ideal, peak {row.get('peak_gib')} GiB, loss {row['loss']:.4f}")
+        return self.record(row)
+
+    def free_after(self, row: dict[str, Any]) -> None:
+        if self.cuda:
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+        else:
+            row["peak_gib"] = round(peak_memory_gib(self.device), 3)
+        self.free()
+
+    def record(self, row: dict[str, Any]) -> dict[str, Any]:
+        for key in ("after_fwd_gib", "fwd_peak_gib", "offloaded_gib"):
+            if isinstance(row.get(key), float):
+                row[key] = round(row[key], 2)
+        self.rows.append(row)
+        if self.args.out:
+            Path(self.args.out).mkdir(parents=True, exist_ok=True)
+            (Path(self.args.out) / "train_step_partial.json").write_text(json.dumps(self.rows, indent=1, default=str))
+        return row
+
+    # --------------------------------------------------------------------------------------------- search
+
+    def status_of(self, name: str) -> tuple[int | None, int | None]:
+        ok = [r["seq_len"] for r in self.rows if r["variant"] == name and r["status"] == "ok"]
+        bad = [r["seq_len"] for r in self.rows if r["variant"] == name and r["status"] == "OOM"]
+        return (max(ok) if ok else None), (min(bad) if bad else None)
+
+    def memory_ceiling(self, name: str) -> int | None:
+        """Longest length predicted by a straight line through this variant's peak memory (GPU only)."""
+        pts = sorted({r["seq_len"]: r["peak_gib"] for r in self.rows
+                      if r["variant"] == name and r["status"] == "ok" and r.get("peak_gib")}.items())
+        if not self.cuda or len(pts) < 2:
+            return None
+        (s0, m0), (s1, m1) = pts[-2], pts[-1]
+        slope = (m1 - m0) / (s1 - s0)
+        if slope <= 0:
+            return None
+        return int(s1 + (self.capacity_gib * self.args.usable_fraction - m1) / slope)
+
+    def search(self, name: str) -> dict[str, Any]:
+        """Longest length that trains, in multiples of ``search_step`` above the last success, within the budget."""
+        step = self.args.search_step
+        ok, bad = self.status_of(name)
+        result: dict[str, Any] = dict(variant=name, predicted_ceiling=self.memory_ceiling(name))
+        if ok is None:
+            result["note"] = "no length trained"
+            return result
+        while True:
+            ok, bad = self.status_of(name)
+            if bad is not None and bad - ok <= step:
+                break
+            if bad is None:
+                ceiling = result["predicted_ceiling"]
+                nxt = ok + step if ceiling is None else max(ok + step, ceiling // step * step)
+            else:
+                nxt = max(ok + step, (ok + bad) // 2 // step * step)
+            if self.predict_s(name, nxt) * 1.15 + 5 > self.left_s():
+                result["note"] = f"stopped by the time budget before probing {nxt // K}K"
+                break
+            self.measure(name, nxt, warmup=0, iters=1, probe=True)
+        ok, bad = self.status_of(name)
+        result.update(longest_ok=ok, first_oom=bad)
+        self.log(f"search {name}: longest trained {ok}, first OOM {bad}, memory-fit ceiling "
+                 f"{result['predicted_ceiling']} ({result.get('note', '')})")
+        return result
+
+    # --------------------------------------------------------------------------------------------- profile
+
+    def profile(self, name: str, s: int) -> dict[str, Any]:
+        """One warm-up step, then one step under torch.profiler: device time by kernel category, top kernels."""
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        v = VARIANTS[name]
+        self.set_attn(self.attn_of(v))
+        ids = torch.randint(0, self.config.vocab_size, (1, s), generator=torch.Generator().manual_seed(s))
+        ids = ids.to(self.device)
+        batch = {"input_ids": ids, "labels": ids, "sharded": hf_ringcp.shard_batch({"input_ids": ids, "labels": ids})}
+        opt = self.reset_lora(v.lora_bf16)
+        tiles = tile_mlp(self.model, self.args.tile_tokens) if v.memory else None
+        info: dict[str, Any] = {}
+        try:
+            self.step(v, batch, opt, first=False, info=info)
+            self.sync()
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+            t0 = time.perf_counter()
+            with torch_profile(activities=activities) as prof:
+                self.step(v, batch, opt, first=False, info=info)
+                self.sync()
+            wall = time.perf_counter() - t0
+        finally:
+            if tiles is not None:
+                tiles.remove()
+        del opt, batch
+        self.free()
+        averages = prof.key_averages()
+        kernels = [e for e in averages if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+        categories = {"attention": ("cudnn", "fmha", "flash", "attention"),
+                      "matmul": ("gemm", "nvjet", "xmma", "cutlass", "gemv", "splitk"),
+                      "elementwise": ("elementwise", "vectorized", "unrolled"), "reduction": ("reduce",),
+                      "copy": ("memcpy", "memset", "copy", "cat")}
+        by_cat: dict[str, float] = {}
+        for e in kernels:
+            key = e.key.lower()
+            cat = next((c for c, words in categories.items() if any(w in key for w in words)), "other")
+            by_cat[cat] = by_cat.get(cat, 0.0) + e.self_device_time_total / 1e6
+        total = sum(by_cat.values())
+        top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
+        result = dict(variant=name, seq_len=s, profiled_step_wall_s=round(wall, 3), kernel_s=round(total, 3),
+                      by_category_s={k: round(x, 3) for k, x in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+                      top_kernels=[(e.key[:120], e.count, round(e.self_device_time_total / 1e6, 4)) for e in top])
+        self.log(f"profile {name} S={s}: step {wall:.2f} s (profiled), kernels {total:.2f} s: "
+                 f"{result['by_category_s']}")
+        for k, n, t in result["top_kernels"]:
+            print(f"  {t:8.4f} s  x{n:<6d} {k}")
+        ops = [e for e in averages if e.device_type == DeviceType.CPU and e.self_device_time_total > 0]
+        ops = sorted(ops, key=lambda e: -e.self_device_time_total)[:25]
+        result["top_ops"] = [(e.key[:80], e.count, round(e.self_device_time_total / 1e6, 4)) for e in ops]
+        for k, n, t in result["top_ops"]:
+            print(f"  op {t:8.4f} s  x{n:<6d} {k}")
+        return result
+
+    # ------------------------------------------------------------------------------------------ self-check
+
+    def attention_probe(self, s: int) -> dict[str, Any]:
+        """Which kernel torch's SDPA dispatch picks for the model's attention, and fwd+bwd times against cuDNN."""
+        from torch.nn.attention import SDPBackend
+
+        c = self.config
+        d = c.hidden_size // c.num_attention_heads
+        g = torch.Generator(device=self.device).manual_seed(0)
+        dtype = torch.bfloat16 if self.cuda else torch.float32
+
+        def rnd(h):
+            return torch.randn(1, h, s, d, device=self.device, dtype=dtype, generator=g).requires_grad_()
+
+        q, k, v = rnd(c.num_attention_heads), rnd(c.num_key_value_heads), rnd(c.num_key_value_heads)
+        out: dict[str, Any] = {"seq_len": s}
+        try:
+            choice = torch._fused_sdp_choice(q, k, v, None, 0.0, True, enable_gqa=True)
+            out["sdpa_dispatch"] = SDPBackend(choice).name
+        except Exception as e:  # an internal op: report, do not fail the benchmark
+            out["sdpa_dispatch"] = f"unknown ({type(e).__name__})"
+        flops = 7 * c.num_attention_heads * s * s * d
+
+        def run_sdpa():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+
+        def run_ring():
+            hf_ringcp.ring_attention(q, k, v, None, causal=True, layout="contiguous",
+                                     backend="cudnn" if self.cuda else "auto").sum().backward()
+
+        for label, fn in (("sdpa", run_sdpa), ("ring_world1", run_ring)):
+            ms, _ = cuda_time_ms(fn, warmup=1, iters=3)
+            out[f"{label}_ms"] = round(ms, 2)
+            out[f"{label}_tflops"] = round(flops / ms / 1e9, 1)
+        self.log(f"attention at S={s}: {out}")
+        return out
+
+    def self_check(self) -> dict[str, Any]:
+        """On the benchmark's device, with a tiny float32 model: stock loss == ours, memory savers change nothing."""
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        def tiny():
+            torch.manual_seed(0)
+            with torch.device(self.device), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                m = AutoModelForCausalLM.from_config(LlamaConfig(**TINY_CONFIG), attn_implementation="ring",
+                                                     dtype=torch.float32)
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            torch.manual_seed(1)
+            lora = LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
+            return get_peft_model(m, lora).train()
+
+        ids = torch.randint(0, TINY_CONFIG["vocab_size"], (1, 256), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(self.device)
+
+        def run(kind: str):
+            m = tiny()
+            if kind == "stock":
+                m.get_base_model().set_attn_implementation("sdpa")
+                loss = m(input_ids=ids, labels=ids, use_cache=False).loss
+                loss.backward()
+            else:
+                tiles = tile_mlp(m, 48) if kind == "mem" else None
+                with hf_ringcp.context_parallel():
+                    ctx = offload_to_cpu(min_bytes=0) if kind == "mem" else contextlib.nullcontext()
+                    with ctx:
+                        loss = hf_ringcp.causal_lm_loss(m, hf_ringcp.shard_batch({"input_ids": ids, "labels": ids}),
+                                                        chunk_size=100)
+                    loss.backward()
+                if tiles is not None:
+                    tiles.remove()
+            return loss.detach(), [p.grad.detach().clone() for p in m.parameters() if p.requires_grad]
+
+        def rel(a, b):
+            return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
+
+        (l0, g0), (l1, g1), (_, g2) = run("stock"), run("ours"), run("mem")
+        result = dict(loss_ours_vs_stock=rel(l1, l0), grad_ours_vs_stock=max(map(rel, g1, g0)),
+                      grad_mem_vs_ours=max(map(rel, g2, g1)))
+        result["passed"] = all(x <= 1e-4 for x in result.values())
+        self.log(f"self-check: {result}")
+        if not result["passed"]:
+            raise SystemExit(f"self-check failed: {result}")
+        return result
+
+
+def plan(seqlens: list[int]) -> list[tuple[str, int]]:
+    """The points in order of importance (the time budget cuts from the end)."""
+    ls = sorted(seqlens)
+    small, mid, big = ls[:2], ls[2:-1], ls[-1:]
+    points = [("stock", s) for s in small]
+    points += [("ours", s) for s in small] + [("ours_cudnn", s) for s in small]
+    points += [("ours", s) for s in mid]
+    points += [("ours_mem", s) for s in mid] + [("ours_mem", s) for s in big]
+    points += [("ours", s) for s in big]
+    points += [("ours_cudnn_bf16", s) for s in small[-1:]]
+    return points
+
+
+COLUMNS = ["variant", "attn", "seq_len", "status", "step_s", "tokens_per_s", "mfu_989", "mfu_731", "pct_of_ideal",
+           "peak_gib", "after_fwd_gib", "offloaded_gib", "loss"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="tiny config, short lengths, on CPU: checks the logic")
+    p.add_argument("--seqlens", type=int, nargs="+", default=None, help="default 16K 32K 64K 128K (dry: 256..1024)")
+    p.add_argument("--points", nargs="*", default=None, help="explicit VARIANT:S points instead of the plan")
+    p.add_argument("--points-as-probes", action="store_true", help="--points run as one step without warm-up")
+    p.add_argument("--name", default="train_step", help="results file stem")
+    p.add_argument("--search", nargs="*", default=None,
+                   help="variants to search the longest length for (default: stock ours_mem ours)")
+    p.add_argument("--search-step", type=int, default=None, help="default 8192 (dry: 128)")
+    p.add_argument("--time-budget", type=float, default=540.0, help="seconds for the whole run (points + search)")
+    p.add_argument("--point-seconds", type=float, default=30.0, help="timed steps per point ~ this / step time")
+    p.add_argument("--max-iters", type=int, default=3)
+    p.add_argument("--chunk-size", type=int, default=4096, help="tokens per loss chunk (causal_lm_loss)")
+    p.add_argument("--tile-tokens", type=int, default=8192, help="tokens per MLP tile (ours_mem)")
+    p.add_argument("--usable-fraction", type=float, default=0.97, help="of device memory, for the memory-fit ceiling")
+    p.add_argument("--best-attn-at", type=int, default=32 * K, help="length at which ours_mem picks its attention")
+    p.add_argument("--no-self-check", action="store_true")
+    p.add_argument("--no-attention-probe", action="store_true")
+    p.add_argument("--profile", nargs="*", default=[], help="VARIANT:S points to profile (one step each, at the end)")
+    p.add_argument("--out", default=None, help="results folder (default: benchmarks/results; dry run: none)")
+    args = p.parse_args(argv)
+    if args.dry_run:
+        args.seqlens = args.seqlens or [256, 512, 1024]
+        args.search_step = args.search_step or 128
+        args.best_attn_at = 512
+    args.seqlens = args.seqlens or [16 * K, 32 * K, 64 * K, 128 * K]
+    args.search_step = args.search_step or 8 * K
+    if args.search is None:
+        args.search = ["stock", "ours_mem", "ours"]
+    unknown = [n for n in args.search if n not in VARIANTS]
+    if unknown:
+        p.error(f"--search: unknown variants {unknown}; valid: {sorted(VARIANTS)}")
+
+    bench = Bench(args)
+    info = env_info()
+    import peft
+    import transformers
+
+    info.update(transformers=transformers.__version__, peft=peft.__version__, hf_ringcp=hf_ringcp.__version__)
+    if bench.cuda:
+        import os
+
+        info["PYTORCH_CUDA_ALLOC_CONF"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    extra: dict[str, Any] = dict(build_s=round(bench.build_s, 1), n_params=bench.n_total, n_matmul=bench.n_matmul,
+                                 n_lora=bench.n_lora, chunk_size=args.chunk_size, tile_tokens=args.tile_tokens)
+    try:
+        if not args.no_self_check:
+            extra["self_check"] = bench.self_check()
+        if not args.no_attention_probe:
+            extra["attention"] = [bench.attention_probe(min(args.best_attn_at, max(args.seqlens)))]
+        points = plan(args.seqlens)
+        if args.points:
+            points = [(x.split(":")[0], int(x.split(":")[1])) for x in args.points]
+        for name, s in points:
+            if args.points_as_probes:
+                bench.measure(name, s, warmup=0, iters=1, probe=True)
+                continue
+            if name == "ours_mem" and bench.best_attn is None:
+                ref = {r["variant"]: r.get("step_s") for r in bench.rows if r["seq_len"] == args.best_attn_at}
+                if ref.get("ours") and ref.get("ours_cudnn"):
+                    bench.best_attn = W1_KEY if ref["ours_cudnn"] < ref["ours"] else "ring"
+                    bench.log(f"ours_mem uses {bench.best_attn} (faster at {args.best_attn_at})")
+            bench.measure(name, s)
+        extra["search"] = [bench.search(name) for name in args.search]
+        extra["profile"] = [bench.profile(x.split(":")[0], int(x.split(":")[1])) for x in args.profile]
+    except Exception:  # keep what was measured
+        extra["error"] = traceback.format_exc()
+        print(extra["error"], file=sys.stderr, flush=True)
+
+    rows = bench.rows
+    table = markdown_table(rows, COLUMNS)
+    longest = [{k: r.get(k) for k in ("variant", "longest_ok", "first_oom", "predicted_ceiling", "note")}
+               for r in extra.get("search", [])]
+    md = "\n\n".join([
+        f"Llama-3.1-8B shape, LoRA r=16 all-linear (float32 adapters unless `lora_dtype` says bf16), non-reentrant "
+        f"checkpointing, AdamW, batch 1. MFU = tokens/s * (4N + 6*L*h*S) / peak, N = {bench.n_matmul / 1e9:.3f}B "
+        f"matmul parameters; `mfu_989` against 989 TFLOP/s, `mfu_731` against the measured 731 TFLOP/s matmul; "
+        f"`pct_of_ideal` = (6*N*S/731 TFLOP/s + L*9*Hq*S^2*D/cuDNN rate) / step time. Memory in GiB "
+        f"(max_memory_allocated). Probes (search) are single steps without warm-up.",
+        table,
+        "Longest sequence that trains:\n\n" + markdown_table(longest, ["variant", "longest_ok", "first_oom",
+                                                                         "predicted_ceiling", "note"]),
+        "```json\n" + json.dumps(extra, indent=1, default=str) + "\n```",
+    ])
+    print(table)
+    print(markdown_table(longest, ["variant", "longest_ok", "first_oom", "predicted_ceiling", "note"]))
+    out_dir = args.out if args.out else (None if args.dry_run else "benchmarks/results")
+    if out_dir:
+        path = write_results(args.name, info, rows, md, out_dir=out_dir)
+        json_path = path.with_suffix(".json")  # common.write_results writes env and rows; add the rest
+        data = json.loads(json_path.read_text())
+        data["extra"] = extra
+        json_path.write_text(json.dumps(data, indent=1, default=str))
+        print(f"wrote {path} and {json_path.name}")
+    return 1 if "error" in extra else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
