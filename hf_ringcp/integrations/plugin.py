@@ -279,7 +279,7 @@ class ContextParallelPlugin:
     def count_items(self, sharded_batches: Iterable[Mapping[str, Any]]) -> torch.Tensor:
         """Global number of loss targets over all ranks in the given (sharded) micro-batches — the ``N`` of a step."""
         local = sum(int((b["shift_labels"] != -100).sum()) for b in sharded_batches)
-        total = torch.tensor(float(local), dtype=torch.float64, device=self._device())
+        total = torch.tensor(float(local), dtype=torch.float64, device=self.comm_device)
         dist.all_reduce(total)
         return total
 
@@ -314,7 +314,9 @@ class ContextParallelPlugin:
         dist.all_reduce(total)
         return total.item() / self.world_size
 
-    def _device(self) -> torch.device:
+    @property
+    def comm_device(self) -> torch.device:
+        """Where this rank's collectives take tensors: its current GPU under NCCL, else the CPU."""
         if self.mesh.device_type == "cuda":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")

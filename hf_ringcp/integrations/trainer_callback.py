@@ -154,7 +154,7 @@ class RingCPCallback(TrainerCallback):
         """``N`` for the step: targets over all data-parallel groups and accumulated micro-batches."""
         if counted is None:  # the Trainer counted nothing (no `labels`): this micro-batch's mean over GA steps
             return self.plugin.count_items([batch]) * self.trainer.current_gradient_accumulation_steps
-        n = torch.as_tensor(counted, dtype=torch.float64).reshape(()).to(self.plugin._device())
+        n = torch.as_tensor(counted, dtype=torch.float64).reshape(()).to(self.plugin.comm_device)
         if not self.trainer.args.average_tokens_across_devices or self.trainer.args.world_size == 1:
             torch.distributed.all_reduce(n)  # per-rank counts -> sum over all ranks (each CP copy once)
         # Either way every CP rank counted the same full batch: divide the copies out.
