@@ -9,6 +9,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from hf_ringcp.ring.group import collective_device
+
 
 def peak_memory_gib(device: torch.device | None = None) -> float:
     """This process's peak memory in GiB: CUDA allocator peak on GPU, peak resident set size on CPU."""
@@ -59,9 +61,7 @@ class ThroughputMeter:
         world = 1
         if dist.is_initialized():
             world = dist.get_world_size()
-            backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-            total = stats[:1].to(backend_device or "cpu")
-            peak = stats[1:].to(backend_device or "cpu")
+            total, peak = stats[:1].to(collective_device()), stats[1:].to(collective_device())
             dist.all_reduce(total)
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
             stats = torch.cat([total.cpu(), peak.cpu()])

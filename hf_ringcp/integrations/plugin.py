@@ -25,12 +25,18 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from hf_ringcp.integrations.batch import shard_batch, shift_labels_of
+from hf_ringcp.integrations.batch import (
+    IGNORE_INDEX,
+    _check_attention_mask,
+    _check_position_ids,
+    shard_batch,
+    shift_labels_of,
+)
 from hf_ringcp.integrations.context import COMM_NAMES, context_parallel
 from hf_ringcp.integrations.loss import causal_lm_loss
 from hf_ringcp.integrations.memory import offload_to_cpu, tile_mlp
 from hf_ringcp.ring import BACKEND_NAMES, LAYOUTS
-from hf_ringcp.ring.group import group_rank_and_size
+from hf_ringcp.ring.group import collective_device, group_rank_and_size
 
 ENV_PREFIX = "HF_RINGCP_"
 _TRUE = ("1", "true", "yes", "on")
@@ -98,15 +104,13 @@ def pad_batch_to_multiple(batch: Mapping[str, Any], multiple: int, pad_token_id:
     for key, value in list(out.items()):
         if not (torch.is_tensor(value) and value.dim() >= 2 and value.shape[1] == seq_len):
             continue
-        if key == "attention_mask":
-            if not bool(value.all()):
-                raise ValueError("Padding to the CP divisor is only supported for batches without padding.")
+        if key in ("attention_mask", "position_ids"):
+            # The checks shard_batch would apply, before the padding makes them fail: then it rebuilds both.
+            check = _check_attention_mask if key == "attention_mask" else _check_position_ids
+            check(value, ids.shape[0], seq_len)
             out.pop(key)
             continue
-        if key == "position_ids":
-            out.pop(key)  # shard_batch derives global positions
-            continue
-        fill = -100 if key in ("labels", "shift_labels") else pad_token_id
+        fill = IGNORE_INDEX if key in ("labels", "shift_labels") else pad_token_id
         value_pad = value.new_full((value.shape[0], pad, *value.shape[2:]), fill)
         out[key] = torch.cat([value, value_pad], dim=1)
     return out
@@ -278,7 +282,7 @@ class ContextParallelPlugin:
 
     def count_items(self, sharded_batches: Iterable[Mapping[str, Any]]) -> torch.Tensor:
         """Global number of loss targets over all ranks in the given (sharded) micro-batches — the ``N`` of a step."""
-        local = sum(int((b["shift_labels"] != -100).sum()) for b in sharded_batches)
+        local = sum(int((b["shift_labels"] != IGNORE_INDEX).sum()) for b in sharded_batches)
         total = torch.tensor(float(local), dtype=torch.float64, device=self.comm_device)
         dist.all_reduce(total)
         return total
@@ -317,6 +321,4 @@ class ContextParallelPlugin:
     @property
     def comm_device(self) -> torch.device:
         """Where this rank's collectives take tensors: its current GPU under NCCL, else the CPU."""
-        if self.mesh.device_type == "cuda":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        return collective_device(self.cp_group)

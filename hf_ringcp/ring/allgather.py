@@ -64,10 +64,8 @@ class _RankMajorKVGrads:
 
     def __init__(self, kv: torch.Tensor, layout: str, world: int, chunk_len: int) -> None:
         self.buf = torch.empty((world, *kv.shape), dtype=torch.float32, device=kv.device)
-        self.slot = {}  # global chunk -> (rank, local rows)
-        for r in range(world):
-            for i, c in enumerate(rank_chunks(layout, r, world)):
-                self.slot[c] = (r, slice(i * chunk_len, (i + 1) * chunk_len))
+        # global chunk -> (owning rank, its rows there)
+        self.slot = {rows.start // chunk_len: (r, local) for r, local, rows in _chunk_moves(layout, world, chunk_len)}
         self.chunk_len = chunk_len
         self.touched: set[int] = set()
 

@@ -25,6 +25,37 @@ def like(x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None) -
     return torch.empty_like(ref, dtype=dtype).copy_(x)
 
 
+class _ChunkWrites:
+    """Which chunks of a row-chunked buffer have been written, so a first write can copy instead of combine.
+
+    Copying the first block into a chunk saves zero-filling the buffer and one read per first write.
+    """
+
+    def __init__(self, num_rows: int, chunk_len: int) -> None:
+        self.chunk_len = chunk_len
+        self.touched = [False] * (num_rows // chunk_len)
+
+    def segments(self, rows: slice) -> list[tuple[slice, slice, bool]]:
+        """Mark ``rows`` written; return ``(buffer rows, rows of the written block, first write?)`` pieces.
+
+        One piece when every chunk of ``rows`` is in the same state, else one per chunk.
+        """
+        c = self.chunk_len
+        first, last = rows.start // c, rows.stop // c
+        seen = self.touched[first:last]
+        self.touched[first:last] = [True] * (last - first)
+        if all(seen) or not any(seen):
+            return [(rows, slice(0, rows.stop - rows.start), not any(seen))]
+        return [
+            (slice(a * c, (a + 1) * c), slice((a - first) * c, (a - first + 1) * c), not seen[a - first])
+            for a in range(first, last)
+        ]
+
+    def untouched(self) -> list[slice]:
+        c = self.chunk_len
+        return [slice(a * c, (a + 1) * c) for a, seen in enumerate(self.touched) if not seen]
+
+
 class OutputAccumulator:
     """A rank's running attention output and LSE in float32, merged block by block.
 
@@ -34,26 +65,18 @@ class OutputAccumulator:
     def __init__(self, q: torch.Tensor, chunk_len: int) -> None:
         self.out = torch.empty_like(q, dtype=torch.float32)
         self.lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        self.chunk_len = chunk_len
-        self.touched = [False] * (q.shape[2] // chunk_len)
+        self.writes = _ChunkWrites(q.shape[2], chunk_len)
 
     def add(self, rows: slice, out: torch.Tensor, lse: torch.Tensor) -> None:
-        first, last = rows.start // self.chunk_len, rows.stop // self.chunk_len
-        seen = self.touched[first:last]
-        if not any(seen):
-            self.out[:, :, rows].copy_(out)
-            self.lse[:, :, rows].copy_(lse)
-        elif all(seen):
-            merge_into(self.out[:, :, rows], self.lse[:, :, rows], out, lse)
-        else:
-            for a in range(first, last):
-                part = slice((a - first) * self.chunk_len, (a - first + 1) * self.chunk_len)
-                self.add(slice(a * self.chunk_len, (a + 1) * self.chunk_len), out[:, :, part], lse[:, :, part])
-            return
-        self.touched[first:last] = [True] * (last - first)
+        for dst, src, first in self.writes.segments(rows):
+            if first:
+                self.out[:, :, dst].copy_(out[:, :, src])
+                self.lse[:, :, dst].copy_(lse[:, :, src])
+            else:
+                merge_into(self.out[:, :, dst], self.lse[:, :, dst], out[:, :, src], lse[:, :, src])
 
     def result(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if not all(self.touched):
+        if self.writes.untouched():
             raise AssertionError("some query rows attended to no key; the block plan is incomplete")
         return self.out.to(dtype), self.lse
 
@@ -77,27 +100,18 @@ class RowAccumulator:
 
     def __init__(self, buf: torch.Tensor, chunk_len: int) -> None:
         self.buf = buf
-        self.chunk_len = chunk_len
-        self.touched = [False] * (buf.shape[-2] // chunk_len)
+        self.writes = _ChunkWrites(buf.shape[-2], chunk_len)
 
     def add(self, rows: slice, x: torch.Tensor) -> None:
-        first, last = rows.start // self.chunk_len, rows.stop // self.chunk_len
-        seen = self.touched[first:last]
-        if not any(seen):
-            self.buf[..., rows, :].copy_(x)
-        elif all(seen):
-            self.buf[..., rows, :] += x
-        else:
-            for a in range(first, last):
-                part = slice((a - first) * self.chunk_len, (a - first + 1) * self.chunk_len)
-                self.add(slice(a * self.chunk_len, (a + 1) * self.chunk_len), x[..., part, :])
-            return
-        self.touched[first:last] = [True] * (last - first)
+        for dst, src, first in self.writes.segments(rows):
+            if first:
+                self.buf[..., dst, :].copy_(x[..., src, :])
+            else:
+                self.buf[..., dst, :] += x[..., src, :]
 
     def result(self) -> torch.Tensor:
-        for a, seen in enumerate(self.touched):
-            if not seen:
-                self.buf[..., a * self.chunk_len : (a + 1) * self.chunk_len, :].zero_()
+        for rows in self.writes.untouched():
+            self.buf[..., rows, :].zero_()
         return self.buf
 
 

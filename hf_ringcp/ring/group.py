@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
 
@@ -16,6 +17,13 @@ def group_rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
             )
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where ``group``'s collectives take tensors: the current GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:

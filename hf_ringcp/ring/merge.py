@@ -25,11 +25,3 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, bl
     out.lerp_(block_out.to(out.dtype), weight)
     torch.logaddexp(lse, block_lse, out=lse)
 
-
-def merge_lse_reference(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge several partial results at once (exact, for tests): softmax weights over the blocks' LSEs."""
-    stacked_lse = torch.stack([x.double() for x in lses])
-    total = torch.logsumexp(stacked_lse, dim=0)
-    weights = torch.exp(stacked_lse - total).unsqueeze(-1)
-    out = (weights * torch.stack([o.double() for o in outs])).sum(0)
-    return out, total

@@ -141,3 +141,14 @@ def _loss_and_grads(rank: int, world: int) -> float:
 
 def test_memory_savers_change_no_number() -> None:
     assert max(run_ranks(_loss_and_grads, 2)) <= 1e-5
+
+
+def test_padding_applies_the_batch_checks() -> None:
+    ones = torch.ones(1, 6, dtype=torch.long)
+    padded = pad_batch_to_multiple({"input_ids": ones, "labels": ones, "attention_mask": ones,
+                                    "position_ids": torch.arange(6)[None]}, 4)
+    assert set(padded) == {"input_ids", "shift_labels"} and padded["input_ids"].shape == (1, 8)
+    with pytest.raises(ValueError, match="`attention_mask` has padding"):
+        pad_batch_to_multiple({"input_ids": ones, "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]])}, 4)
+    with pytest.raises(ValueError, match=r"are not 0\.\.5 in every row"):
+        pad_batch_to_multiple({"input_ids": ones, "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]])}, 4)

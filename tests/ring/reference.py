@@ -18,6 +18,14 @@ def reference_attention(q, k, v, causal: bool, scale: float | None = None) -> to
     return torch.softmax(s, dim=-1) @ v
 
 
+def merge_lse_reference(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge several partial results at once in float64: softmax weights over the blocks' LSEs."""
+    stacked_lse = torch.stack([x.double() for x in lses])
+    total = torch.logsumexp(stacked_lse, dim=0)
+    weights = torch.exp(stacked_lse - total).unsqueeze(-1)
+    return (weights * torch.stack([o.double() for o in outs])).sum(0), total
+
+
 def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Max-norm relative error ``max|x - ref| / max|ref|``."""
     return ((x.double() - ref.double()).abs().max() / ref.double().abs().max()).item()

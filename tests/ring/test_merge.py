@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from hf_ringcp.ring.merge import merge_into, merge_lse_reference
-from tests.ring.reference import rel_error
+from hf_ringcp.ring.merge import merge_into
+from tests.ring.reference import merge_lse_reference, rel_error
 
 
 def _block(q, k, v):
