@@ -15,10 +15,12 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -138,3 +140,27 @@ def attention_flops(batch: int, q_heads: int, seq_q: int, seq_k: int, head_dim: 
     if causal:
         fwd /= 2
     return fwd * (3.5 if backward else 1.0)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> torch.device:
+    """Initialise the default process group from torchrun's environment; return this rank's device.
+
+    ``device="auto"``: CUDA with NCCL when a GPU is visible (the GPU is ``LOCAL_RANK``), else CPU with gloo.
+    """
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"`device` must be one of ('auto', 'cuda', 'cpu'), but got {device!r}.")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    timeout = timedelta(seconds=timeout_s)
+    if use_cuda:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", device_id=dev, timeout=timeout)
+        # float32 comparisons need true float32 matmuls.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        return dev
+    dist.init_process_group("gloo", timeout=timeout)
+    return torch.device("cpu")

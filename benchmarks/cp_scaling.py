@@ -10,9 +10,10 @@ Every rank holds ``--tokens-per-rank`` tokens of one causal sequence of ``S = P 
 - ``single``: one device's causal forward + backward over ``tokens_per_rank`` tokens with each kernel (the faster
   of the kernel's own op and ``F.scaled_dot_product_attention``), run on every rank at once: the P = 1 workload.
 - ``hf_ringcp``: ``ring_attention`` forward + backward for each comm (``p2p``, ``allgather``) and backend.
-  ``compute_ms`` is the same rank's work with no communication (``benchmarks/ring_sim.py``'s stand-in
-  communicators hand the ring functions local buffers of the right shape); ``exposed_ms = ms - compute_ms``
-  (slowest rank of each) is the communication the ring did not hide.
+  ``compute_ms`` is the same rank's work with no communication (its variant object with the loopback
+  communicators of ``hf_ringcp.ring.comm``, as in ``benchmarks/ring_sim.py``, which hand it local buffers of the
+  right shape); ``exposed_ms = ms - compute_ms`` (slowest rank of each) is the communication the ring did not
+  hide.
 - ``torch_cp``: ``torch.distributed.tensor.experimental.context_parallel`` around
   ``F.scaled_dot_product_attention`` with ``set_rotate_method("allgather" | "alltoall")`` and an SDPA backend,
   on the same local tensors (its head-tail load balancer is the zigzag layout; ``vs_hf_err`` checks that both
@@ -46,13 +47,24 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from benchmarks.common import attention_flops, cuda_time_ms, env_info, markdown_table, write_results
-from benchmarks.nccl_parity import DTYPES, init_distributed, rel_error
-from benchmarks.ring_sim import SDPA_BACKENDS, SimGatherComm, SimRingComm, time_full
-from hf_ringcp.ring import ring_attention, select_backend
-from hf_ringcp.ring.allgather import allgather_backward, allgather_forward
+from benchmarks.common import (
+    DTYPES,
+    attention_flops,
+    cuda_time_ms,
+    env_info,
+    init_distributed,
+    markdown_table,
+    write_results,
+)
+from benchmarks.ring_sim import SDPA_BACKENDS, time_full
+from hf_ringcp.ring import Layout, MaskSpec, ring_attention, select_backend
+from hf_ringcp.ring.allgather import AllGatherRing
+from hf_ringcp.ring.blocks import Kernels
+from hf_ringcp.ring.comm import LoopbackGatherComm, LoopbackRingComm
+from hf_ringcp.ring.group import all_gather_single
 from hf_ringcp.ring.kernels import BACKENDS, Backend
-from hf_ringcp.ring.p2p import p2p_backward, p2p_forward
+from hf_ringcp.ring.p2p import P2PRing
+from hf_ringcp.ring.variant import RankSetup
 
 LAYOUT = "zigzag"
 
@@ -61,7 +73,7 @@ def all_ranks(value: float, device: torch.device) -> list[float]:
     """Every rank's ``value``, by rank."""
     mine = torch.tensor([float(value)], dtype=torch.float64, device=device)
     out = torch.empty(dist.get_world_size(), dtype=torch.float64, device=device)
-    dist.all_gather_into_tensor(out, mine)
+    all_gather_single(out, mine)
     return out.tolist()
 
 
@@ -101,25 +113,35 @@ class Inputs:
             x.grad = None
 
 
+def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative max-norm error ``max|x - ref| / max|ref|`` (in float64)."""
+    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
 def compute_only_fn(x: Inputs, rank: int, world: int, comm: str, backend: Backend):
-    """A callable running this rank's ring forward + backward with no communication (ring_sim's stand-ins)."""
+    """A callable running this rank's ring forward + backward with no communication.
+
+    The rank's real variant object (:class:`~hf_ringcp.ring.p2p.P2PRing` or
+    :class:`~hf_ringcp.ring.allgather.AllGatherRing` from its :class:`~hf_ringcp.ring.variant.RankSetup`, as
+    ``ring_attention`` builds it) with the in-process loopback communicators of :mod:`hf_ringcp.ring.comm`, which
+    hand back local buffers of the right shape.
+    """
     q, k, v, dout = x.detached()
     kv = torch.stack([k, v])  # what the ring sends; the stand-ins hand it back as "the other ranks' K/V"
     dkv = torch.zeros_like(kv, dtype=torch.float32)
     gathered = kv.unsqueeze(0).expand(world, *kv.shape).contiguous()
-    sim = (lambda source: SimRingComm(source)) if world > 1 else (lambda source: None)
+    placement = Layout.for_name(LAYOUT, world).placement(q.shape[2] * world)
+    setup = RankSetup(rank, world, placement, MaskSpec(causal=True), Kernels(backend), x.scale)
+    if comm == "p2p":
+        variant = P2PRing(setup, lambda: LoopbackRingComm(lambda i: kv), lambda: LoopbackRingComm(lambda i: dkv))
+    else:
+        variant = AllGatherRing(setup, lambda: LoopbackGatherComm(rank, gathered))
 
-    def p2p():
-        out, lse = p2p_forward(q, k, v, rank, world, sim(lambda i: kv), True, x.scale, LAYOUT, backend)
-        p2p_backward(dout, q, k, v, out, lse, rank, world, sim(lambda i: kv), sim(lambda i: dkv), True, x.scale,
-                     LAYOUT, backend)
+    def run():
+        out, lse = variant.attend(q, k, v)
+        variant.attend_backward(dout, q, k, v, out, lse)
 
-    def allgather():
-        gather = SimGatherComm(rank, gathered) if world > 1 else None
-        out, lse = allgather_forward(q, k, v, rank, world, gather, True, x.scale, LAYOUT, backend)
-        allgather_backward(dout, q, k, v, out, lse, rank, world, gather, True, x.scale, LAYOUT, backend)
-
-    return p2p if comm == "p2p" else allgather
+    return run
 
 
 def torch_cp_run(args, x: Inputs, mesh, rotate: str, sdpa_backend: str, timing: tuple[int, int, int]):
@@ -343,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         note = (
             f"S = P * tokens_per_rank = {s}, {hq} q / {hkv} kv heads, head dim {d}, batch {b}, {args.dtype}, causal, "
             f"zigzag. ms: slowest rank's median fwd+bwd; tflops_per_gpu = 7*B*Hq*S^2*D / P / ms; weak_eff = P * t1 / "
-            f"ms (t1: P=1 time of the same kernel, from {source}); compute_ms: the same ring functions with "
-            "communication replaced by local buffers (ring_sim stand-ins), slowest rank; exposed_ms = ms - compute_ms "
+            f"ms (t1: P=1 time of the same kernel, from {source}); compute_ms: the same ring variant with "
+            "communication replaced by local buffers (loopback comms), slowest rank; exposed_ms = ms - compute_ms "
             "(at P=1 that is the autograd wrapper's own overhead, the floor for P>1). "
             "torch_cp: torch.distributed.tensor.experimental.context_parallel, comm = its rotate method; vs_hf_err: "
             "its output against hf_ringcp's (max-norm relative, worst rank)."

@@ -11,8 +11,8 @@ optimizer are reset before every point, so every variant starts from the same st
 - ``stock``: ``attn_implementation="sdpa"``, the model's own loss (``model(input_ids, labels=labels).loss``).
 - ``ours``: ``"ring"`` inside ``hf_ringcp.context_parallel()`` at world size 1 (= torch SDPA's own dispatch),
   batch from ``shard_batch``, loss from ``causal_lm_loss`` (chunked, checkpointed cross-entropy).
-- ``ours_cudnn``: as ``ours``, attention by ``hf_ringcp.ring_attention`` at world size 1 (the ring's cuDNN block
-  kernel, GQA-native), registered for this benchmark under its own key.
+- ``ours_cudnn``: as ``ours``, inside ``hf_ringcp.context_parallel(None, backend="cudnn", force_ring=True)``: the
+  ring's own cuDNN block kernel at world size 1 (GQA-native), the documented way to run the ring on one device.
 - ``ours_mem``: the faster of those two at 32K, plus ``hf_ringcp.integrations.memory``: the forward under
   ``offload_to_cpu()`` (checkpointed layer inputs in pinned host memory) and ``tile_mlp`` (the MLP over tiles of
   tokens, each under its own checkpoint).
@@ -62,6 +62,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 import torch.nn.functional as F
 
@@ -75,7 +78,6 @@ PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
 MATMUL_TFLOPS = 731.0  # measured: bf16 8192^3 matmul on the lent H100 (FACTS.md)
 # cuDNN SDPA causal fwd+bwd TFLOP/s on the H100 (FACTS.md; 128K from docs/performance.md), by sequence length.
 CUDNN_TFLOPS = {8 * K: 527.0, 16 * K: 528.0, 32 * K: 561.0, 128 * K: 535.0}
-W1_KEY = "hf_ringcp_bench_ring_world1"
 
 FULL_CONFIG = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -92,7 +94,9 @@ TINY_CONFIG = dict(FULL_CONFIG, vocab_size=512, hidden_size=64, intermediate_siz
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    attn: str  # "sdpa", "ring", W1_KEY or "best" (the faster of "ring" and W1_KEY at the reference length)
+    # "sdpa" (stock), "ring" (context_parallel() at world size 1: SDPA's dispatch), "ring_kernels" (force_ring=True:
+    # the ring's own kernel) or "best" (the faster of "ring" and "ring_kernels" at the reference length)
+    attn: str
     stock_loss: bool = False
     memory: bool = False  # offload_to_cpu + tile_mlp
     lora_bf16: bool = False
@@ -101,9 +105,9 @@ class Variant:
 VARIANTS = {
     "stock": Variant("sdpa", stock_loss=True),
     "ours": Variant("ring"),
-    "ours_cudnn": Variant(W1_KEY),
+    "ours_cudnn": Variant("ring_kernels"),
     "ours_mem": Variant("best", memory=True),
-    "ours_cudnn_bf16": Variant(W1_KEY, lora_bf16=True),
+    "ours_cudnn_bf16": Variant("ring_kernels", lora_bf16=True),
 }
 
 
@@ -117,19 +121,6 @@ def cudnn_rate(s: int) -> float:
             w = (math.log2(s) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
             return CUDNN_TFLOPS[lo] + w * (CUDNN_TFLOPS[hi] - CUDNN_TFLOPS[lo])
     return CUDNN_TFLOPS[xs[-1]]
-
-
-def make_world1_attention(backend: str):
-    """An attention function for the registry: ``hf_ringcp.ring_attention`` at world size 1 with ``backend``."""
-
-    def ring_world1(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        if attention_mask is not None or dropout:
-            raise ValueError("the world-1 ring benchmark attention takes no mask and no dropout")
-        out = hf_ringcp.ring_attention(query, key, value, None, causal=True, scale=scaling, layout="contiguous",
-                                       comm="p2p", backend=backend)
-        return out.transpose(1, 2).contiguous(), None
-
-    return ring_world1
 
 
 class FakeOOM:
@@ -147,13 +138,14 @@ class FakeOOM:
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         from peft import LoraConfig, get_peft_model
-        from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig
+        from transformers import AutoModelForCausalLM, LlamaConfig
 
         self.args = args
         self.device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
         self.cuda = self.device.type == "cuda"
         dtype = torch.bfloat16 if self.cuda else torch.float32
-        AttentionInterface.register(W1_KEY, make_world1_attention("cudnn" if self.cuda else "auto"))
+        # The ring's kernel for "ring_kernels" (force_ring): cuDNN on the GPU, the CPU kernel in a dry run.
+        self.ring_backend = "cudnn" if self.cuda else "auto"
         self.config = LlamaConfig(**(TINY_CONFIG if args.dry_run else FULL_CONFIG))
         t0 = time.perf_counter()
         torch.manual_seed(0)
@@ -210,11 +202,22 @@ class Bench:
             torch.cuda.reset_peak_memory_stats()
 
     def attn_of(self, v: Variant) -> str:
+        """``"sdpa"``, ``"ring"`` or ``"ring_kernels"`` (``"best"`` resolved)."""
         return (self.best_attn or "ring") if v.attn == "best" else v.attn
 
-    def set_attn(self, name: str) -> None:
+    def attn_label(self, attn: str) -> str:
+        return f"ring (force_ring, {self.ring_backend})" if attn == "ring_kernels" else attn
+
+    def set_attn(self, attn: str) -> None:
+        name = "sdpa" if attn == "sdpa" else "ring"
         if self.inner.config._attn_implementation != name:
             self.inner.set_attn_implementation(name)
+
+    def context(self, v: Variant):
+        """The ``hf_ringcp.context_parallel`` around a step of ``v`` (world size 1; ``force_ring`` for the kernels)."""
+        if self.attn_of(v) == "ring_kernels":
+            return hf_ringcp.context_parallel(None, backend=self.ring_backend, force_ring=True)
+        return hf_ringcp.context_parallel()
 
     def reset_lora(self, bf16: bool) -> torch.optim.Optimizer:
         dtype = torch.bfloat16 if bf16 else torch.float32
@@ -253,7 +256,7 @@ class Bench:
                 info["after_fwd_gib"], info["fwd_peak_gib"] = self.mem_gib()
             loss.backward()
         else:
-            with hf_ringcp.context_parallel():
+            with self.context(v):
                 ctx = offload_to_cpu() if v.memory else contextlib.nullcontext()
                 with ctx as stats:
                     loss = hf_ringcp.causal_lm_loss(model, batch["sharded"], chunk_size=self.args.chunk_size)
@@ -271,8 +274,8 @@ class Bench:
                 probe: bool = False) -> dict[str, Any]:
         v = VARIANTS[name]
         attn = self.attn_of(v)
-        row: dict[str, Any] = dict(variant=name, attn=attn, seq_len=s, probe=probe, lora_dtype="bf16" if v.lora_bf16
-                                   else "fp32", memory_savers=v.memory)
+        row: dict[str, Any] = dict(variant=name, attn=self.attn_label(attn), seq_len=s, probe=probe,
+                                   lora_dtype="bf16" if v.lora_bf16 else "fp32", memory_savers=v.memory)
         smaller_oom = [r for r in self.rows if r["variant"] == name and r["status"] == "OOM" and r["seq_len"] < s]
         if smaller_oom:
             row["status"] = f"OOM (not run: OOM at {smaller_oom[0]['seq_len'] // K}K)"
@@ -286,7 +289,7 @@ class Bench:
         if need > self.left_s():
             row["status"] = f"skipped (time: needs ~{need:.0f} s, {self.left_s():.0f} s left)"
             return self.record(row)
-        self.log(f"{name} ({attn}) S={s}: warmup {warmup}, {iters} timed, predicted {est:.1f} s/step")
+        self.log(f"{name} ({self.attn_label(attn)}) S={s}: warmup {warmup}, {iters} timed, predicted {est:.1f} s/step")
         self.set_attn(attn)
         if self.fake_oom is not None:
             self.fake_oom.variant = name
@@ -494,7 +497,8 @@ class Bench:
         return out
 
     def self_check(self) -> dict[str, Any]:
-        """On the benchmark's device, with a tiny float32 model: stock loss == ours, memory savers change nothing."""
+        """On the benchmark's device, with a tiny float32 model: stock loss == ours == the ring's own kernels
+        (``force_ring``, backend ``"auto"``: float32 rules cuDNN out), memory savers change nothing."""
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -520,7 +524,8 @@ class Bench:
                 loss.backward()
             else:
                 tiles = tile_mlp(m, 48) if kind == "mem" else None
-                with hf_ringcp.context_parallel():
+                forced = dict(backend="auto", force_ring=True) if kind == "kernels" else {}
+                with hf_ringcp.context_parallel(None, **forced):
                     ctx = offload_to_cpu(min_bytes=0) if kind == "mem" else contextlib.nullcontext()
                     with ctx:
                         loss = hf_ringcp.causal_lm_loss(m, hf_ringcp.shard_batch({"input_ids": ids, "labels": ids}),
@@ -533,9 +538,10 @@ class Bench:
         def rel(a, b):
             return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
 
-        (l0, g0), (l1, g1), (_, g2) = run("stock"), run("ours"), run("mem")
+        (l0, g0), (l1, g1), (_, g2), (l3, g3) = run("stock"), run("ours"), run("mem"), run("kernels")
         result = dict(loss_ours_vs_stock=rel(l1, l0), grad_ours_vs_stock=max(map(rel, g1, g0)),
-                      grad_mem_vs_ours=max(map(rel, g2, g1)))
+                      grad_mem_vs_ours=max(map(rel, g2, g1)), loss_kernels_vs_stock=rel(l3, l0),
+                      grad_kernels_vs_stock=max(map(rel, g3, g0)))
         result["passed"] = all(x <= 1e-4 for x in result.values())
         self.log(f"self-check: {result}")
         if not result["passed"]:
@@ -621,8 +627,8 @@ def main(argv: list[str] | None = None) -> int:
             if name == "ours_mem" and bench.best_attn is None:
                 ref = {r["variant"]: r.get("step_s") for r in bench.rows if r["seq_len"] == args.best_attn_at}
                 if ref.get("ours") and ref.get("ours_cudnn"):
-                    bench.best_attn = W1_KEY if ref["ours_cudnn"] < ref["ours"] else "ring"
-                    bench.log(f"ours_mem uses {bench.best_attn} (faster at {args.best_attn_at})")
+                    bench.best_attn = "ring_kernels" if ref["ours_cudnn"] < ref["ours"] else "ring"
+                    bench.log(f"ours_mem uses {bench.attn_label(bench.best_attn)} (faster at {args.best_attn_at})")
             bench.measure(name, s)
         extra["search"] = [bench.search(name) for name in args.search]
         extra["profile"] = [bench.profile(x.split(":")[0], int(x.split(":")[1])) for x in args.profile]

@@ -201,7 +201,7 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
     model, tokenizer = load_model_and_tokenizer(cfg)
     train_data, eval_data = build_datasets(cfg, tokenizer)
     plugin = ContextParallelPlugin(
-        cp_size=cfg.cp_size, layout=cfg.layout, comm=cfg.comm, backend=cfg.backend,
+        cp_size=cfg.cp_size, layout=cfg.layout, comm=cfg.comm, ulysses_size=cfg.ulysses_size, backend=cfg.backend,
         loss_chunk_size=cfg.loss_chunk_size, offload_activations=cfg.offload_activations,
         mlp_tile_tokens=cfg.mlp_tile_tokens,
     )

@@ -11,6 +11,7 @@ import io
 import os
 import queue
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -63,14 +64,25 @@ def run_ranks(
     for p in procs:
         p.start()
     collected: dict[int, tuple[str, Any]] = {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, status, payload = results.get(timeout=timeout)
+        while len(collected) < world_size:
+            try:
+                rank, status, payload = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in collected and p.exitcode is not None]
+                if dead and results.empty():
+                    raise AssertionError(
+                        f"rank(s) {dead} exited (code {procs[dead[0]].exitcode}) without a result: the worker "
+                        "failed before running (e.g. an import error in the test module; see stderr)."
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"distributed run timed out after {timeout}s; ranks done: {sorted(collected)}") from None
+                continue
             collected[rank] = (status, payload)
             if status == "error":
                 raise AssertionError(f"rank {rank} failed:\n{payload}")
-    except queue.Empty as e:
-        raise AssertionError(f"distributed run timed out after {timeout}s; ranks done: {sorted(collected)}") from e
     finally:
         for p in procs:
             p.join(timeout=10)

@@ -1,21 +1,108 @@
-"""Turning a full batch into one context-parallel rank's share: tokens, global positions and shifted labels."""
+"""What happens to a batch under context parallelism: documents, padding, labels, sharding and counting.
+
+:func:`shard_batch` turns the full batch every rank of a CP group holds into this rank's share:
+
+1. **Documents.** A row's documents are read from ``position_ids`` (a restart at 0 starts a document, as
+   ``DataCollatorWithFlattening`` and TRL's padding-free collator write them) or from ``cu_seq_lens_q``.
+2. **Padding becomes packing.** Tokens with ``attention_mask == 0`` are dropped and every row becomes a document
+   of one packed row, so no compute is spent on padding; rows of several documents that differ between rows
+   are packed the same way. Plain rows (one document each, no padding) stay rows.
+3. **Labels.** ``labels`` are shifted per row before anything moves (``shift_labels``): the last token of a
+   document never predicts the next document's first token, and nothing predicts or is predicted by padding.
+4. **Any length.** Each document is padded to the layout's divisor (``2P`` for zigzag, which balances every
+   document on its own; the whole row for the other layouts): the padding sits at the end of its document, is
+   attended by no real token and has label ``-100``.
+5. **Sharding.** Every per-token tensor is split in the layout; the entry :data:`SHARD_KEY` carries the
+   documents to the ``"ring"`` attention (as a model keyword argument).
+
+:func:`count_targets` counts the loss targets of sharded micro-batches over a group (the ``N`` of the exact
+global token mean); :func:`unshard_predictions` puts per-token model outputs back into the batch's own
+``[B, S, ...]`` order.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+import logging
+import weakref
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from hf_ringcp.integrations.context import get_context, make_context
-from hf_ringcp.ring import local_positions, shard_sequence
+from hf_ringcp.integrations.context import resolve_group
+from hf_ringcp.ring import Layout, Placement, unshard_sequence
+from hf_ringcp.ring.group import collective_device, group_rank_and_size
 
 IGNORE_INDEX = -100
+#: The batch entry (and model keyword argument) that carries a :class:`ShardInfo` to the attention.
+SHARD_KEY = "cp_shard"
+# Entries that describe packed documents in the flash-attention convention (local to an unsharded row).
+_PACKING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+logger = logging.getLogger("hf_ringcp")
+_logged_padding = False
 
 
-def _sequence_tensor(batch: dict[str, Any]) -> torch.Tensor:
+class ShardInfo:
+    """How a full batch was turned into this rank's shard; passed to the model so the ring sees the documents.
+
+    Attributes:
+        placement: the layout's :class:`~hf_ringcp.ring.Placement` of the (packed, padded) global rows.
+        rank: this rank in the CP group.
+        rows: rows of the model input (``B``, or 1 when the batch was packed into one row).
+        source_shape: ``(B, S)`` of the full batch.
+        source_index: ``[rows, seq_len]`` int64, the flat index into ``B * S`` of every global token, ``-1`` for
+            added padding; ``None`` when the rows are the batch's rows (only padded at the end).
+        added: padding tokens added per row.
+        position_check: a fingerprint of this rank's ``position_ids`` (catches a shard run on another rank).
+    """
+
+    __slots__ = ("added", "placement", "position_check", "rank", "rows", "source_index", "source_shape")
+
+    def __init__(self, placement: Placement, rank: int, rows: int, source_shape: tuple[int, int],
+                 source_index: torch.Tensor | None, added: int, position_check: tuple[int, int]) -> None:
+        self.placement, self.rank, self.rows, self.source_shape = placement, rank, rows, source_shape
+        self.source_index, self.added, self.position_check = source_index, added, position_check
+
+    @property
+    def layout(self) -> str:
+        return self.placement.layout
+
+    @property
+    def documents(self) -> tuple[int, ...] | None:
+        return self.placement.documents
+
+    def local_padding(self) -> int:
+        """Padding tokens among this rank's tokens (all rows)."""
+        local = self.placement.positions(self.rank)
+        if self.source_index is not None:
+            return int((self.source_index[:, local.to(self.source_index.device)] < 0).sum())
+        return int((local >= self.source_shape[1]).sum()) * self.rows
+
+    def __repr__(self) -> str:
+        docs = self.documents
+        shown = "one document per row" if docs is None else f"{len(docs) - 1} documents"
+        return (f"ShardInfo(layout={self.layout!r}, rank={self.rank} of {self.placement.world}, rows={self.rows}, "
+                f"seq_len={self.placement.seq_len}, {shown}, added={self.added})")
+
+
+def position_fingerprint(position_ids: torch.Tensor) -> tuple[int, int]:
+    pos = position_ids.reshape(-1).to(torch.int64)
+    weights = torch.arange(1, pos.numel() + 1, device=pos.device)
+    return int(pos.sum()), int((pos * weights).sum())
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def _describe(x: Any) -> str:
+    return f"shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
+
+
+def _sequence_tensor(batch: Mapping[str, Any]) -> torch.Tensor:
     for name in ("input_ids", "inputs_embeds"):
         x = batch.get(name)
         if x is not None:
@@ -25,34 +112,35 @@ def _sequence_tensor(batch: dict[str, Any]) -> torch.Tensor:
     raise ValueError(f"shard_batch needs `input_ids` or `inputs_embeds`; the batch has keys {sorted(batch)}.")
 
 
-def _describe(x: Any) -> str:
-    return f"shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
-
-
-def _check_attention_mask(mask: Any, b: int, s: int) -> None:
+def _padding_mask(mask: Any, b: int, s: int) -> torch.Tensor | None:
+    """The 2-D padding mask as bool (``None`` when it masks nothing)."""
+    if mask is None:
+        return None
     if not torch.is_tensor(mask) or tuple(mask.shape) != (b, s):
         raise ValueError(
             f"`attention_mask` must be a 2-D [batch, seq] = [{b}, {s}] padding mask under context parallelism, "
-            f"but got {_describe(mask)}; drop custom 4-D masks (the ring applies the causal mask itself)."
+            f"but got {_describe(mask)}; drop custom 4-D masks (the ring applies the causal and document masks "
+            "itself)."
         )
-    if not bool(mask.bool().all()):
-        raise ValueError(
-            "`attention_mask` has padding (zeros), which context parallelism cannot honour. Pack examples into "
-            "full rows without padding; with right padding only, drop `attention_mask` and set the labels of pad "
-            "tokens to -100 (causal attention never looks ahead, so real tokens are unaffected); or train this "
-            "batch without context parallelism (attn_implementation='sdpa')."
-        )
+    keep = mask.bool()
+    if not bool(keep.any(dim=1).all()):
+        raise ValueError("`attention_mask` has a row of padding only; drop empty rows from the batch.")
+    return None if bool(keep.all()) else keep
 
 
-def _check_position_ids(pos: Any, b: int, s: int) -> None:
-    expected = torch.arange(s, device=pos.device) if torch.is_tensor(pos) else None
-    if expected is None or pos.shape[-1] != s or pos.dim() > 2 or not torch.equal(pos, expected.expand_as(pos)):
-        raise ValueError(
-            f"`position_ids` in the batch ({_describe(pos)}) are not 0..{s - 1} in every row. shard_batch computes "
-            "the global positions itself; packed sequences (positions restarting inside a row) are not supported "
-            "by the ring yet: drop `position_ids` and concatenate documents with continuous positions, or train "
-            "this batch without context parallelism."
-        )
+def _positions(pos: Any, b: int, s: int, device: torch.device) -> torch.Tensor | None:
+    if pos is None:
+        return None
+    rows_ok = torch.is_tensor(pos) and (pos.dim() == 1 or (pos.dim() == 2 and pos.shape[0] in (1, b)))
+    if not rows_ok or pos.shape[-1] != s:
+        raise ValueError(f"`position_ids` must be [batch, seq] = [{b}, {s}] (or [seq]), but got {_describe(pos)}.")
+    return pos.to(device=device, dtype=torch.int64).reshape(-1, s).expand(b, s)
+
+
+def _label_tensor(name: str, x: Any, b: int, s: int) -> torch.Tensor:
+    if not torch.is_tensor(x) or tuple(x.shape) != (b, s):
+        raise ValueError(f"`{name}` must be [batch, seq] = [{b}, {s}], but got {_describe(x)}.")
+    return x
 
 
 def shift_labels_of(labels: torch.Tensor) -> torch.Tensor:
@@ -60,77 +148,320 @@ def shift_labels_of(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def _documents_from_cu(cu: Any, cu_k: Any, s: int, b: int) -> list[int]:
+    values = [int(x) for x in (cu.reshape(-1).tolist() if torch.is_tensor(cu) else cu)]
+    if cu_k is not None:
+        other = [int(x) for x in (cu_k.reshape(-1).tolist() if torch.is_tensor(cu_k) else cu_k)]
+        if other != values:
+            raise ValueError(f"`cu_seq_lens_k` {other} differs from `cu_seq_lens_q` {values}; the ring attends "
+                             "within each document, so both must describe the same documents.")
+    rising = all(y > x for x, y in itertools.pairwise(values))
+    if b != 1 or len(values) < 2 or values[0] != 0 or values[-1] != s or not rising:
+        raise ValueError(
+            f"`cu_seq_lens_q` must rise from 0 to the row length ({s}) over one packed row (batch size 1), but got "
+            f"{values} for a batch of {b} rows."
+        )
+    return values[:-1]
+
+
+def _row_documents(pos: torch.Tensor, row: int) -> list[int]:
+    """Starts (indices into ``pos``) of the documents of one row's kept tokens, from restarting positions."""
+    breaks = (pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1
+    restarts = pos[breaks]
+    if bool((restarts != 0).any()):
+        i = int(breaks[(restarts != 0).nonzero()[0, 0]])
+        raise ValueError(
+            f"`position_ids` of row {row} jump from {int(pos[i - 1])} to {int(pos[i])} at token {i}: positions must "
+            "count up by one inside a document and restart at 0 where a new document starts (as "
+            "DataCollatorWithFlattening writes them). Fix the collator, or drop `position_ids` for plain rows."
+        )
+    return [0, *breaks.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------- padding
+
+
+def pad_batch_to_multiple(batch: Mapping[str, Any], multiple: int, pad_token_id: int = 0) -> dict[str, Any]:
+    """Pad every ``[B, S, ...]`` tensor of a batch at the end of its rows to a multiple of ``multiple`` tokens.
+
+    ``labels`` become ``shift_labels`` first (so the last real token keeps its target), and the padding gets label
+    ``-100``, ``pad_token_id`` as its id, 0 in ``attention_mask`` and 0 elsewhere. Nothing real attends to tokens
+    at the end of a row under a causal mask, so the padding changes no real token's result.
+    """
+    items = dict(batch.items())
+    b, s = _sequence_tensor(items).shape[:2]
+    pad = (-s) % multiple
+    if pad == 0:
+        return items
+    if "labels" in items and "shift_labels" not in items:
+        items["shift_labels"] = shift_labels_of(_label_tensor("labels", items.pop("labels"), b, s))
+    for key, value in list(items.items()):
+        if not (torch.is_tensor(value) and value.dim() >= 2 and tuple(value.shape[:2]) == (b, s)):
+            continue
+        fill = {"labels": IGNORE_INDEX, "shift_labels": IGNORE_INDEX, "input_ids": pad_token_id}.get(key, 0)
+        items[key] = torch.cat([value, value.new_full((b, pad, *value.shape[2:]), fill)], dim=1)
+    return items
+
+
+def _log_padding_once(added: int, rows: int, seq_len: int) -> None:
+    global _logged_padding
+    if added and not _logged_padding:
+        _logged_padding = True
+        logger.warning(
+            "hf_ringcp: added %d padding token(s) (%d row(s) of %d tokens) so that the batch splits over the "
+            "context-parallel ranks; padding is attended by no real token and has no labels. (Logged once.)",
+            added, rows, seq_len,
+        )
+
+
+# ------------------------------------------------------------------------------------------ shard_batch
+
+
+def _pack(
+    per_token: dict[str, torch.Tensor], shifted: torch.Tensor | None, positions: torch.Tensor, keep: torch.Tensor,
+    starts_per_row: list[list[int]], split: Layout, pad_token_id: int, max_position: int,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor, list[int], torch.Tensor, int]:
+    """Flatten the kept tokens of every row into one row of documents, each padded as the layout needs."""
+    b, s = keep.shape
+    device = keep.device
+    pieces, bounds, cursor = [], [0], 0
+    for row in range(b):
+        kept = keep[row].nonzero().flatten() + row * s
+        starts = [*starts_per_row[row], len(kept)]
+        for a, z in itertools.pairwise(starts):
+            n = z - a
+            span = split.padded_length(n) if split.per_document else n
+            pieces += [kept[a:z], torch.full((span - n,), -1, dtype=torch.long, device=device)]
+            cursor += span
+            bounds.append(cursor)
+    if not split.per_document and split.padded_length(cursor) != cursor:
+        extra = split.padded_length(cursor) - cursor
+        pieces.append(torch.full((extra,), -1, dtype=torch.long, device=device))
+        cursor += extra
+        bounds[-1] = cursor
+    source = torch.cat(pieces)
+    real_max = int(positions.reshape(-1)[source[source >= 0]].max())
+    if real_max < max_position and not bool((source < 0).any()):
+        # Position-dependent RoPE must see the unsharded batch's maximum position: carry it on padding.
+        source = torch.cat([source, torch.full((split.divisor,), -1, dtype=torch.long, device=device)])
+        cursor += split.divisor
+        bounds.append(cursor)
+    real = source >= 0
+    index = source.clamp(min=0)
+
+    def take(x: torch.Tensor, fill) -> torch.Tensor:
+        flat = x.reshape(b * s, *x.shape[2:]).index_select(0, index)
+        flat[~real] = fill
+        return flat.unsqueeze(0)
+
+    packed = {k: take(v, pad_token_id if k == "input_ids" else 0) for k, v in per_token.items()}
+    new_shifted = None if shifted is None else take(shifted, IGNORE_INDEX)
+    new_pos = take(positions, 0)
+    if real_max < max_position:
+        new_pos[0, (~real).nonzero()[0, 0]] = max_position
+    return packed, new_shifted, new_pos, bounds, source.unsqueeze(0), int((~real).sum())
+
+
 def shard_batch(
-    batch: Mapping[str, Any], group: dist.ProcessGroup | None = None, layout: str = "zigzag"
+    batch: Mapping[str, Any], group: dist.ProcessGroup | None = None, layout: str = "zigzag", *,
+    pad_to_multiple: bool = True, pad_token_id: int = 0,
 ) -> dict[str, Any]:
     """This rank's share of a full causal-LM batch, ready for ``model(**out)`` inside ``context_parallel``.
 
-    Every rank of the context-parallel group must pass the same full batch.
+    Every rank of the context-parallel group must pass the same full batch. Plain rows, packed rows
+    (``DataCollatorWithFlattening``, TRL's padding-free collator: ``position_ids`` restarting at 0, optionally
+    ``cu_seq_lens_q/k``, ``max_length_q/k``, ``seq_idx``) and padded rows (``attention_mask`` with zeros, left or
+    right, ``B > 1``) all work; see the module docstring for what is done to them.
 
     Args:
         batch: a dict or ``BatchEncoding`` with ``input_ids`` ``[B, S]`` (or ``inputs_embeds`` ``[B, S, H]``),
             optionally ``labels`` ``[B, S]`` (unshifted, as for ``model(labels=...)``) or ``shift_labels``
-            ``[B, S]`` (already shifted; then ``labels`` is ignored), an all-ones ``attention_mask``, and
-            ``position_ids`` equal to ``0..S-1``.
+            (already shifted; then ``labels`` is ignored), ``attention_mask`` ``[B, S]``, ``position_ids``.
         group: the context-parallel group; ``None`` is the group of the active
-            :func:`~hf_ringcp.context_parallel`, else the default group (a world of 1 without
-            torch.distributed).
-        layout: ``"zigzag"`` (``S`` divisible by ``2 * cp_size``) or ``"contiguous"`` (divisible by ``cp_size``);
-            must match the layout given to :func:`~hf_ringcp.context_parallel`.
+            :func:`~hf_ringcp.context_parallel`, else the default group (a world of 1 without torch.distributed).
+        layout: a name from :data:`hf_ringcp.ring.LAYOUTS`; must match :func:`~hf_ringcp.context_parallel`'s.
+        pad_to_multiple: pad to the layout's divisor (default); ``False`` raises for lengths that do not split.
+        pad_token_id: the id given to padding tokens.
 
     Returns:
-        A new dict with ``S_local = S / cp`` tokens per row:
-
-        - ``input_ids`` ``[B, S_local]`` (or ``inputs_embeds``): this rank's tokens in layout order.
-        - ``position_ids`` ``[B, S_local]``: their *global* positions (for RoPE).
-        - ``shift_labels`` ``[B, S_local]``: the target of each local token, i.e. the label of the next
-          *global* token, shifted before sharding so the tokens at shard boundaries are predicted correctly;
-          ``-100`` at the last global position. ``labels`` is not returned, so the model computes no loss of
-          its own (use :func:`hf_ringcp.causal_lm_loss`).
-        - every other tensor whose first two dimensions are ``[B, S]`` is sharded the same way; other
-          entries pass through. An all-ones ``attention_mask`` is dropped.
+        A new dict: ``input_ids`` ``[R, S_local]`` (or ``inputs_embeds``) with ``R = B`` for plain rows and 1 when
+        the batch was packed; ``position_ids`` (RoPE positions: each token's position in its document);
+        ``shift_labels`` (the target of each local token, shifted before sharding); every other ``[B, S, ...]``
+        tensor sharded the same way; other entries passed through; when the batch has documents, padding or
+        non-standard positions, :data:`SHARD_KEY` (a :class:`ShardInfo` for the attention); and, when the batch
+        had an ``attention_mask`` or was padded or packed, a bool ``attention_mask`` ``[R, S_local]`` that is True
+        on the real tokens (the ring never attends the padding; trainers count real tokens with it). ``labels``
+        and the packing entries are consumed.
 
     Raises:
-        ValueError: padding in ``attention_mask``, non-standard ``position_ids`` (packed sequences), a
-            sequence length not divisible by ``2 * cp_size`` (zigzag) or ``cp_size``, or mis-shaped labels.
+        ValueError: a mask that is not a 2-D padding mask, positions that neither count up nor restart at 0,
+            ``cu_seq_lens`` that disagree with the positions, mis-shaped labels, or (``pad_to_multiple=False``) a
+            length that does not split.
     """
     if not isinstance(batch, Mapping):
         raise TypeError(f"`batch` must be a dict or BatchEncoding, but got {type(batch).__name__}.")
-    active = get_context()
-    if group is None and active is not None:
-        group = active.group
-    ctx = make_context(group, layout=layout)
+    group = resolve_group(group)
+    rank, world = group_rank_and_size(group)
+    split = Layout.for_name(layout, world)
     items = dict(batch.items())
-    b, s = _sequence_tensor(items).shape[:2]
-    if s % ctx.seq_divisor != 0:
-        multiple = f"2 * cp_size = {ctx.seq_divisor}" if layout == "zigzag" else f"cp_size = {ctx.seq_divisor}"
-        raise ValueError(
-            f"The sequence length ({s}) must be divisible by {multiple} for layout={layout!r}. Pad or pack "
-            f"sequences to a multiple of {ctx.seq_divisor} (pad tokens at the end with labels -100, no "
-            "attention_mask), or change the sequence length."
-        )
+    seq = _sequence_tensor(items)
+    b, s = seq.shape[:2]
+    device = seq.device
 
-    mask = items.pop("attention_mask", None)
-    if mask is not None:
-        _check_attention_mask(mask, b, s)
-    pos = items.pop("position_ids", None)
-    if pos is not None:
-        _check_position_ids(pos, b, s)
+    had_mask = items.get("attention_mask") is not None
+    keep = _padding_mask(items.pop("attention_mask", None), b, s)
+    given_pos = _positions(items.pop("position_ids", None), b, s, device)
+    cu, cu_k = items.pop("cu_seq_lens_q", None), items.pop("cu_seq_lens_k", None)
+    for key in _PACKING_KEYS[2:]:
+        items.pop(key, None)
     labels, shifted = items.pop("labels", None), items.pop("shift_labels", None)
     if shifted is None and labels is not None:
-        if not torch.is_tensor(labels) or tuple(labels.shape) != (b, s):
-            raise ValueError(f"`labels` must be [batch, seq] = [{b}, {s}], but got {_describe(labels)}.")
-        shifted = shift_labels_of(labels)
-    if shifted is not None and (not torch.is_tensor(shifted) or tuple(shifted.shape) != (b, s)):
-        raise ValueError(f"`shift_labels` must be [batch, seq] = [{b}, {s}], but got {_describe(shifted)}.")
-
-    out: dict[str, Any] = {}
-    for name, value in items.items():
-        per_token = torch.is_tensor(value) and value.dim() >= 2 and tuple(value.shape[:2]) == (b, s)
-        out[name] = shard_sequence(value, 1, ctx.group, layout) if per_token else value
-    device = _sequence_tensor(items).device
-    positions = local_positions(s, layout, ctx.rank, ctx.world_size, device=device)
-    out["position_ids"] = positions.unsqueeze(0).expand(b, -1).contiguous()
+        shifted = shift_labels_of(_label_tensor("labels", labels, b, s))
     if shifted is not None:
-        out["shift_labels"] = shard_sequence(shifted, 1, ctx.group, layout)
+        shifted = _label_tensor("shift_labels", shifted, b, s)
+
+    # Documents of every row, as starts among the row's kept tokens.
+    if cu is not None:
+        if keep is not None:
+            raise ValueError("The batch has both `cu_seq_lens_q` (packed documents) and padding in `attention_mask`;"
+                             " pass one of them.")
+        cu_starts = _documents_from_cu(cu, cu_k, s, b)
+        from_cu = torch.cat([torch.arange(e - a, device=device) for a, e in zip(cu_starts, [*cu_starts[1:], s])])
+        if given_pos is not None and not torch.equal(given_pos[0], from_cu):
+            raise ValueError(
+                f"`cu_seq_lens_q` {[*cu_starts, s]} disagrees with `position_ids` (which restart at "
+                f"{_row_documents(given_pos[0], 0)}); fix the collator so both describe the same documents."
+            )
+        given_pos = from_cu[None]
+    positions = given_pos if given_pos is not None else torch.arange(s, device=device).expand(b, s)
+    starts_per_row = []
+    for row in range(b):
+        row_pos = positions[row] if keep is None else positions[row][keep[row]]
+        starts_per_row.append(_row_documents(row_pos, row))
+
+    # Targets never cross a document boundary, nor come from or go to padding.
+    if shifted is not None:
+        shifted = shifted.clone()
+        if keep is not None:
+            nxt = F.pad(keep[:, 1:], (0, 1), value=False)
+            shifted[~keep | ~nxt] = IGNORE_INDEX
+        for row, starts in enumerate(starts_per_row):
+            kept = keep[row].nonzero().flatten() if keep is not None else None
+            for a in starts[1:]:
+                prev = int(kept[a - 1]) if kept is not None else a - 1
+                shifted[row, prev] = IGNORE_INDEX
+
+    per_token = {k: v for k, v in items.items() if torch.is_tensor(v) and v.dim() >= 2 and tuple(v.shape[:2]) == (b, s)}
+    others = {k: v for k, v in items.items() if k not in per_token}
+    plain = keep is None and all(len(st) == 1 for st in starts_per_row)
+    if plain:
+        rows, seq_len = b, split.padded_length(s) if pad_to_multiple else s
+        split.check_length(seq_len)
+        documents, source, added = None, None, seq_len - s
+        padded = pad_batch_to_multiple({**per_token, "position_ids": positions, "shift_labels": shifted}, seq_len,
+                                       pad_token_id) if added else {**per_token, "position_ids": positions,
+                                                                    "shift_labels": shifted}
+        per_token = {k: v for k, v in padded.items() if k in per_token}
+        positions, shifted = padded["position_ids"], padded["shift_labels"]
+    else:
+        max_position = int(positions.max())
+        per_token, shifted, positions, bounds, source, added = _pack(
+            per_token, shifted, positions, keep if keep is not None else torch.ones(b, s, dtype=torch.bool,
+                                                                                  device=device),
+            starts_per_row, split, pad_token_id, max_position,
+        )
+        rows, seq_len = 1, bounds[-1]
+        documents = bounds
+        if not pad_to_multiple and added:
+            raise ValueError(
+                f"The packed documents need {added} padding token(s) to split over the ranks (layout={layout!r} "
+                f"needs lengths divisible by {split.divisor_hint()}); leave pad_to_multiple on."
+            )
+    _log_padding_once(added * rows, rows, seq_len)
+
+    placement = split.placement(seq_len, documents)
+    local = placement.positions(rank, device)
+    out: dict[str, Any] = {k: v.index_select(1, local) for k, v in per_token.items()}
+    out.update(others)
+    out["position_ids"] = positions.index_select(1, local).contiguous()
+    if shifted is not None:
+        out["shift_labels"] = shifted.index_select(1, local)
+    standard = documents is None and added == 0 and torch.equal(
+        positions, torch.arange(seq_len, device=device).expand(rows, seq_len))
+    if not standard:
+        out[SHARD_KEY] = ShardInfo(placement, rank, rows, (b, s), source, added,
+                                   position_fingerprint(out["position_ids"]))
+    if had_mask or not standard:
+        # The real tokens of the shard (counted by e.g. TRL's `num_tokens`); the ring keeps padding unattended.
+        real = source >= 0 if source is not None else torch.arange(seq_len, device=device).expand(rows, -1) < s
+        out["attention_mask"] = real.index_select(1, local).contiguous()
+        _SHARD_MASKS[id(out["attention_mask"])] = out["attention_mask"]
     return out
+
+
+# The padding masks shard_batch emitted (by id, held weakly): the "ring" mask function accepts zeros in these only.
+_SHARD_MASKS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def is_shard_mask(mask: torch.Tensor) -> bool:
+    """Whether ``mask`` is (a copy of) a padding mask made by :func:`shard_batch`, whose padding the ring never
+    attends. Trainers move batches with ``.to(device)``, which may copy the mask; the shard still holds the
+    original, so an equal live mask counts."""
+    if _SHARD_MASKS.get(id(mask)) is mask:
+        return True
+    return any(m.shape == mask.shape and torch.equal(m.to(mask.device), mask.bool())
+               for m in list(_SHARD_MASKS.values()))
+
+
+# ----------------------------------------------------------------------------------------------- counting
+
+
+def local_targets(sharded_batch: Mapping[str, Any]) -> int:
+    """Loss targets (``shift_labels != -100``) in one rank's shard."""
+    labels = sharded_batch.get("shift_labels")
+    if labels is None:
+        raise ValueError(
+            "The batch has no `labels` (nor `shift_labels`), so there is nothing to train on: the model cannot "
+            f"return a loss from the inputs it received ({', '.join(sorted(sharded_batch))}). Use a collator that "
+            "adds labels, e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False) or DataCollatorWithFlattening()."
+        )
+    return int((labels != IGNORE_INDEX).sum())
+
+
+def count_targets(sharded_batches: Iterable[Mapping[str, Any]], group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The number of loss targets of the given shards summed over ``group`` (``None``: every rank).
+
+    Returns a float64 scalar on the collective device: the ``N`` of the global token mean (pass every
+    micro-batch of a gradient-accumulation step to count the whole step).
+    """
+    total = torch.tensor(float(sum(local_targets(b) for b in sharded_batches)), dtype=torch.float64,
+                         device=collective_device(group))
+    if dist.is_initialized():
+        dist.all_reduce(total, group=group)
+    return total
+
+
+# --------------------------------------------------------------------------------------- predictions
+
+
+def unshard_predictions(
+    local: torch.Tensor, info: ShardInfo | None, group: dist.ProcessGroup | None, layout: str
+) -> torch.Tensor:
+    """Per-token outputs of a shard (``[R, S_local, ...]``, e.g. logits) -> ``[B, S, ...]`` in the batch's order.
+
+    Every rank returns the same tensor (one all-gather). Positions the batch padded (and the packed-away padding of
+    the input) hold zeros. ``info``: the shard's :data:`SHARD_KEY` entry (``None`` for a plain batch, whose rows and
+    length are unchanged).
+    """
+    docs = None if info is None else info.documents
+    full = unshard_sequence(local, 1, group, layout, cu_seqlens=docs)
+    if info is None:
+        return full
+    b, s = info.source_shape
+    if info.source_index is None:
+        return full[:, :s]
+    src = info.source_index.reshape(-1).to(full.device)
+    real = src >= 0
+    out = full.new_zeros((b * s, *full.shape[2:]))
+    out[src[real]] = full.reshape(-1, *full.shape[2:])[real]
+    return out.reshape(b, s, *full.shape[2:])

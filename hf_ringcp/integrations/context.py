@@ -17,16 +17,8 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-from hf_ringcp.ring import BACKEND_NAMES, LAYOUTS
-from hf_ringcp.ring.api import COMMS
+from hf_ringcp.ring import Layout, RingConfig
 from hf_ringcp.ring.group import group_rank_and_size
-
-COMM_NAMES = tuple(COMMS)
-
-
-def _check_choice(setting: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"`{setting}` must be one of {valid}, but got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -35,11 +27,12 @@ class RingContext:
 
     Attributes:
         group: the context-parallel process group (``None``: the default group).
-        layout: ``"zigzag"`` or ``"contiguous"``, as used by :func:`hf_ringcp.shard_batch`.
-        comm: ``"p2p"`` (pass K/V around the ring) or ``"allgather"``.
-        backend: block-kernel choice, ``"auto"`` or a name from :data:`hf_ringcp.ring.BACKEND_NAMES`.
+        layout, comm, backend: see :class:`hf_ringcp.ring.RingConfig` (validated there).
         rank: this process's rank in ``group``.
-        world_size: the size of ``group``; with 1 the ``"ring"`` attention is plain SDPA.
+        world_size: the size of ``group``; with 1 the ``"ring"`` attention is plain SDPA unless ``force_ring``.
+        force_ring: run the ring's own kernels even with one rank (benchmarks and debugging of the kernels, the
+            document masks and the sliding windows on one device).
+        ulysses_size: the Ulysses degree of the hybrid (see :class:`hf_ringcp.ring.RingConfig`).
     """
 
     group: dist.ProcessGroup | None = field(repr=False)
@@ -48,11 +41,15 @@ class RingContext:
     backend: str
     rank: int
     world_size: int
+    force_ring: bool = False
+    ulysses_size: int | str = 1
+    config: RingConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_choice("layout", self.layout, LAYOUTS)
-        _check_choice("comm", self.comm, COMM_NAMES)
-        _check_choice("backend", self.backend, BACKEND_NAMES)
+        config = RingConfig(layout=self.layout, comm=self.comm, backend=self.backend, ulysses_size=self.ulysses_size)
+        if config.ulysses_size != "auto":
+            config.check_world(self.world_size)
+        object.__setattr__(self, "config", config)
 
     @property
     def cp_enabled(self) -> bool:
@@ -60,9 +57,19 @@ class RingContext:
         return self.world_size > 1
 
     @property
+    def ring_active(self) -> bool:
+        """Whether ``"ring"`` attention runs the ring (more than one rank, or ``force_ring``)."""
+        return self.cp_enabled or self.force_ring
+
+    @property
+    def split(self) -> Layout:
+        """The :class:`~hf_ringcp.ring.Layout` of this context (the owner of the length divisor)."""
+        return self.config.layout_for(self.world_size)
+
+    @property
     def seq_divisor(self) -> int:
-        """The global sequence length must be a multiple of this (``2 * cp`` for zigzag, ``cp`` otherwise)."""
-        return 2 * self.world_size if self.layout == "zigzag" else self.world_size
+        """Plain sequence lengths must be a multiple of this (``2 * cp`` for zigzag, ``cp`` otherwise)."""
+        return self.split.divisor
 
 
 class _ActiveStack:
@@ -92,7 +99,7 @@ class _ActiveStack:
 _ACTIVE = _ActiveStack()
 
 
-def _resolve_group(group) -> dist.ProcessGroup | None:
+def as_process_group(group) -> dist.ProcessGroup | None:
     """Accept a process group, ``None`` or a one-dimensional ``DeviceMesh``."""
     if hasattr(group, "get_group") and hasattr(group, "ndim"):
         if group.ndim != 1:
@@ -103,21 +110,43 @@ def _resolve_group(group) -> dist.ProcessGroup | None:
     return group
 
 
+def resolve_group(group=None) -> dist.ProcessGroup | None:
+    """The context-parallel group to use: ``group``, or the active context's when ``group`` is ``None``.
+
+    An explicit ``group`` that differs from the active context's raises: the attention would span one group and
+    the batch or the loss another.
+    """
+    group = as_process_group(group)
+    active = get_context()
+    if active is None or (group is None and active.group is None):
+        return group
+    if group is None:
+        return active.group
+    if group is not active.group and not (active.group is None and group is dist.group.WORLD):
+        raise ValueError(
+            "The `group` passed is not the group of the active hf_ringcp.context_parallel, so the batch or loss and "
+            "the attention would span different ranks. Pass group=None (the active context's group) or the same "
+            "group to both."
+        )
+    return group
+
+
 def make_context(
-    group: dist.ProcessGroup | None = None, *, layout: str = "zigzag", comm: str = "p2p", backend: str = "auto"
+    group: dist.ProcessGroup | None = None, *, layout: str = "zigzag", comm: str = "p2p", backend: str = "auto",
+    force_ring: bool = False, ulysses_size: int | str = 1,
 ) -> RingContext:
     """Validate the arguments of :func:`context_parallel` and build the :class:`RingContext` (no side effects)."""
-    _check_choice("layout", layout, LAYOUTS)
-    _check_choice("comm", comm, COMM_NAMES)
-    _check_choice("backend", backend, BACKEND_NAMES)
-    group = _resolve_group(group)
+    config = RingConfig(layout=layout, comm=comm, backend=backend, ulysses_size=ulysses_size)
+    group = as_process_group(group)
     rank, world = group_rank_and_size(group)
-    return RingContext(group=group, layout=layout, comm=comm, backend=backend, rank=rank, world_size=world)
+    return RingContext(group=group, layout=config.layout, comm=config.comm, backend=config.backend, rank=rank,
+                       world_size=world, force_ring=bool(force_ring), ulysses_size=config.ulysses_size)
 
 
 @contextmanager
 def context_parallel(
-    group: dist.ProcessGroup | None = None, *, layout: str = "zigzag", comm: str = "p2p", backend: str = "auto"
+    group: dist.ProcessGroup | None = None, *, layout: str = "zigzag", comm: str = "p2p", backend: str = "auto",
+    force_ring: bool = False, ulysses_size: int | str = 1,
 ) -> Iterator[RingContext]:
     """Make models loaded with ``attn_implementation="ring"`` split attention over ``group``.
 
@@ -131,15 +160,21 @@ def context_parallel(
     Args:
         group: the context-parallel process group, or a 1-D ``DeviceMesh``; ``None`` is the default group
             (a world of 1 when torch.distributed is not initialised).
-        layout: ``"zigzag"`` (causal load balance; sequence length divisible by ``2 * cp``) or
-            ``"contiguous"`` (divisible by ``cp``). Must match the layout the batch was sharded with.
-        comm: ``"p2p"`` (K/V passed around the ring, overlapped with compute) or ``"allgather"``.
+        layout: a name from :data:`hf_ringcp.ring.LAYOUTS` (``"zigzag"``: causal load balance); must match the
+            layout the batch was sharded with.
+        comm: ``"p2p"`` (K/V passed around the ring, overlapped with compute), ``"allgather"``, ``"ulysses"``
+            (all-to-all over heads) or ``"auto"``.
         backend: ``"auto"`` or one of :data:`hf_ringcp.ring.BACKEND_NAMES`.
+        force_ring: with a group of one rank, still run the ring's kernels (documents and windows included)
+            instead of SDPA: for benchmarks and debugging on one device.
+        ulysses_size: groups of this many consecutive ranks exchange heads (Ulysses) and ``comm`` runs over the
+            groups; 1 (default): the plain ring; ``"auto"``: see :mod:`hf_ringcp.ring.strategy`.
 
     Yields:
         The :class:`RingContext` in force.
     """
-    ctx = make_context(group, layout=layout, comm=comm, backend=backend)
+    ctx = make_context(group, layout=layout, comm=comm, backend=backend, force_ring=force_ring,
+                       ulysses_size=ulysses_size)
     token = _ACTIVE.push(ctx)
     try:
         yield ctx

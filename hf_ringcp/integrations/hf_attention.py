@@ -7,13 +7,15 @@ Two functions are registered under the key ``"ring"`` (nothing in transformers i
 
 Outside :func:`~hf_ringcp.context_parallel` (or with one rank) both delegate to Transformers' own SDPA
 functions, so ``"ring"`` is exactly ``"sdpa"`` there (evaluation, ``generate()``). Inside, the mask function
-never builds an ``L x L`` mask: it returns ``None`` for the plain causal case and raises for anything the ring
-cannot honour (padding, custom overlays), and the attention function checks the rest (sliding window,
-soft-capping, dropout, non-causal layers, position ids) before running :func:`hf_ringcp.ring_attention`.
+never builds an ``L x L`` mask: it returns ``None`` and raises for anything the ring cannot honour (custom mask
+overlays, chunked or bidirectional attention); the attention function checks the rest (soft-capping, dropout,
+non-causal layers, position ids) and runs :func:`hf_ringcp.ring_attention` with the documents of the batch
+(from :func:`hf_ringcp.shard_batch`'s ``cp_shard`` entry) and the layer's sliding window.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import weakref
 from collections.abc import Callable
@@ -29,21 +31,28 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
-from hf_ringcp.integrations.context import RingContext, get_context
+from hf_ringcp.integrations.batch import SHARD_KEY, ShardInfo, is_shard_mask, position_fingerprint
+from hf_ringcp.integrations.context import RingContext, get_context, make_context
+from hf_ringcp.integrations.models import needs_preparation
 from hf_ringcp.ring import local_positions, ring_attention
+from hf_ringcp.ring.group import group_rank_and_size
 
 KEY = "ring"
 
-# Extra attention kwargs that change which keys a query may see; the ring cannot honour them yet.
+# Extra attention kwargs that change which keys a query may see and that the ring cannot honour.
 _UNSUPPORTED_KWARGS = {
-    "cu_seq_lens_q": "packed sequences (flash-attention style `cu_seq_lens_*` kwargs)",
-    "cu_seq_lens_k": "packed sequences (flash-attention style `cu_seq_lens_*` kwargs)",
-    "max_length_q": "packed sequences (flash-attention style `max_length_*` kwargs)",
-    "max_length_k": "packed sequences (flash-attention style `max_length_*` kwargs)",
     "position_bias": "an additive position bias (`position_bias`)",
     "s_aux": "attention sinks (`s_aux`)",
 }
+# Packed-sequence kwargs: hf_ringcp.shard_batch reads them; reaching the attention means it was bypassed.
+_PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 _INSTEAD = "use attn_implementation='sdpa' (without context parallelism) for this model or batch"
+_SHARD = ("pass the batch through hf_ringcp.shard_batch (it reads padding and packed documents) and give the model "
+          "all of its output")
+_GENERATE = (
+    "generate() and KV caches do not run inside hf_ringcp.context_parallel: call model.generate() outside the "
+    "`with` block (there \"ring\" is plain SDPA), and pass use_cache=False to forwards inside it"
+)
 
 
 def _fail(what: str, fix: str) -> None:
@@ -66,24 +75,24 @@ def ring_attention_mask(
     """Mask interface for ``"ring"``: SDPA's mask outside context parallelism, ``None`` inside it.
 
     Inside :func:`~hf_ringcp.context_parallel` the model's tensors hold a rank's share of the sequence, so a
-    mask over local indices would be wrong; the causal structure over *global* positions is applied by the
-    ring itself. ``attention_mask`` is the 2-D ``[B, kv_length]`` padding mask: all ones is accepted, any
-    zero raises, as do mask overlays (``or_mask_function``/``and_mask_function``), chunked attention and
-    bidirectional masks.
+    mask over local indices would be wrong; the causal, document and window structure over *global* positions is
+    applied by the ring itself. ``attention_mask`` is the 2-D ``[B, kv_length]`` padding mask: all ones, or the
+    mask :func:`hf_ringcp.shard_batch` made (its padding is never attended), is accepted; other zeros mean the
+    batch did not go through :func:`hf_ringcp.shard_batch` (which turns padding into packed documents) and
+    raise, as do mask overlays (``or_mask_function``/``and_mask_function``), chunked attention and bidirectional
+    masks.
     """
     ctx = get_context()
-    if ctx is None or not ctx.cp_enabled:
+    from_shard = attention_mask is not None and is_shard_mask(attention_mask)
+    if from_shard and not bool(attention_mask.all()):
+        _PADDED_SHARD.seen = True  # its cp_shard must reach the attention too (checked there)
+    if (ctx is None or not ctx.ring_active) and not from_shard:
         return sdpa_mask(
             batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
             kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs,
         )
-    if attention_mask is not None and not bool(attention_mask.all()):
-        _fail(
-            "padding (an `attention_mask` with zeros)",
-            "pack examples into full-length rows without padding; with right padding only, drop the "
-            "`attention_mask` and set the labels of pad tokens to -100 (causal attention never looks ahead, so "
-            f"real tokens are unaffected); or {_INSTEAD}",
-        )
+    if attention_mask is not None and not bool(attention_mask.all()) and not from_shard:
+        _fail("an `attention_mask` with padding (zeros) given to the model", _SHARD)
     config = kwargs.get("config")
     if mask_function is bidirectional_mask_function or not getattr(config, "is_causal", True):
         _fail("bidirectional (non-causal) attention", _INSTEAD)
@@ -93,6 +102,13 @@ def ring_attention_mask(
         # Transformers turns on vmap exactly when the model adds an or/and mask overlay (e.g. bidirectional
         # image tokens), which a plain causal ring would silently drop.
         _fail("custom mask overlays (`or_mask_function` / `and_mask_function`)", _INSTEAD)
+    if config is not None and needs_preparation(config):
+        _fail(
+            "this model's rotary embeddings unprepared: their frequencies depend on the sequence length "
+            f"(rope_parameters={getattr(config, 'rope_parameters', None)}), which differs from rank to rank",
+            "call hf_ringcp.prepare_model(model) once before training (the plugin, RingCPCallback and "
+            "hf_ringcp.causal_lm_loss do it for you)",
+        )
     return None
 
 
@@ -104,65 +120,92 @@ class _PositionCheckCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._last: tuple[weakref.ref, int, RingContext, int] | None = None
+        self._last: tuple[weakref.ref, int, RingContext, Any] | None = None
 
-    def seen(self, pos: torch.Tensor, ctx: RingContext, seq_len: int) -> bool:
+    def seen(self, pos: torch.Tensor, ctx: RingContext, key: Any) -> bool:
         with self._lock:
             if self._last is None:
                 return False
-            ref, version, last_ctx, last_len = self._last
-            return ref() is pos and version == pos._version and last_ctx is ctx and last_len == seq_len
+            ref, version, last_ctx, last_key = self._last
+            return ref() is pos and version == pos._version and last_ctx is ctx and last_key == key
 
-    def remember(self, pos: torch.Tensor, ctx: RingContext, seq_len: int) -> None:
+    def remember(self, pos: torch.Tensor, ctx: RingContext, key: Any) -> None:
         with self._lock:
-            self._last = (weakref.ref(pos), pos._version, ctx, seq_len)
+            self._last = (weakref.ref(pos), pos._version, ctx, key)
 
 
 _POSITIONS_OK = _PositionCheckCache()
 
 
-def _check_positions(position_ids: torch.Tensor | None, ctx: RingContext, s_local: int) -> None:
-    """RoPE must see the *global* positions of the local tokens; anything else means a wrongly sharded batch."""
-    fix = (
-        f"shard the batch with hf_ringcp.shard_batch(batch, group, layout={ctx.layout!r}) and pass its "
-        "`position_ids`. Packed sequences (positions restarting inside a row) are not supported by the ring yet: "
-        f"concatenate documents with continuous positions, or {_INSTEAD}. (generate() and KV caches do not work "
-        "under context parallelism: call generate() outside hf_ringcp.context_parallel.)"
-    )
-    if position_ids is None:
-        _fail("a call without `position_ids`", fix)
-    seq_len = s_local * ctx.world_size
-    if _POSITIONS_OK.seen(position_ids, ctx, seq_len):
-        return
-    expected = local_positions(seq_len, ctx.layout, ctx.rank, ctx.world_size, device=position_ids.device)
-    if position_ids.dim() != 2 or position_ids.shape[-1] != s_local or not torch.equal(
-        position_ids, expected.to(position_ids.dtype).expand_as(position_ids)
-    ):
-        shown = position_ids.reshape(-1, position_ids.shape[-1])[0].tolist()
-        _fail(
-            f"position_ids that are not the global positions of this rank's tokens (rank {ctx.rank} of "
-            f"{ctx.world_size}, layout={ctx.layout!r}: expected {_brief(expected.tolist())}, got {_brief(shown)}, "
-            f"shape {tuple(position_ids.shape)})",
-            fix,
-        )
-    _POSITIONS_OK.remember(position_ids, ctx, seq_len)
+class _PaddedShardFlag(threading.local):
+    """Set by the mask function when a padded shard's mask enters a forward; its ``cp_shard`` must follow."""
+
+    seen = False
+
+
+_PADDED_SHARD = _PaddedShardFlag()
 
 
 def _brief(values: list[int]) -> str:
     return str(values) if len(values) <= 12 else f"[{', '.join(map(str, values[:6]))}, ..., {values[-1]}]"
 
 
+def _check_positions(
+    position_ids: torch.Tensor | None, ctx: RingContext, s_local: int, info: ShardInfo | None, use_cache: bool
+) -> None:
+    """RoPE must see the positions :func:`hf_ringcp.shard_batch` gave this rank; anything else is a wrong batch."""
+    fix = (f"shard the batch with hf_ringcp.shard_batch(batch, group, layout={ctx.layout!r}) and give the model "
+           f"all of its output (input_ids, position_ids and, when present, {SHARD_KEY})")
+    if position_ids is None:
+        _fail("a call without `position_ids`", fix)
+    seq_len = s_local * ctx.world_size
+    key = (seq_len, None if info is None else id(info))
+    if _POSITIONS_OK.seen(position_ids, ctx, key):
+        return
+    if info is not None:
+        ok = (
+            info.layout == ctx.layout and info.placement.world == ctx.world_size and info.rank == ctx.rank
+            and tuple(position_ids.shape) == (info.rows, s_local)
+            and position_fingerprint(position_ids) == info.position_check
+        )
+        if not ok:
+            _fail(
+                f"a batch sharded for rank {info.rank} of {info.placement.world} with layout={info.layout!r} "
+                f"(position_ids {tuple(position_ids.shape)}) on rank {ctx.rank} of {ctx.world_size} with "
+                f"layout={ctx.layout!r}",
+                fix,
+            )
+    else:
+        expected = local_positions(seq_len, ctx.layout, ctx.rank, ctx.world_size, device=position_ids.device)
+        if position_ids.dim() != 2 or position_ids.shape[-1] != s_local or not torch.equal(
+            position_ids, expected.to(position_ids.dtype).expand_as(position_ids)
+        ):
+            shown = position_ids.reshape(-1, position_ids.shape[-1])[0].tolist()
+            if use_cache and shown == list(range(s_local)):
+                _fail("a forward over an unsharded sequence that builds a KV cache (what generate() does)", _GENERATE)
+            _fail(
+                f"position_ids that are not the global positions of this rank's tokens (rank {ctx.rank} of "
+                f"{ctx.world_size}, layout={ctx.layout!r}: expected {_brief(expected.tolist())}, got {_brief(shown)}, "
+                f"shape {tuple(position_ids.shape)})",
+                fix,
+            )
+    _POSITIONS_OK.remember(position_ids, ctx, key)
+
+
+def _window_of(module: torch.nn.Module, kwargs: dict[str, Any]) -> int | None:
+    window = kwargs.get("sliding_window")
+    if window is None:
+        window = getattr(module, "sliding_window", None)
+    return None if window is None else int(window)
+
+
 def _check_supported(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
     dropout: float, kwargs: dict[str, Any], ctx: RingContext,
-) -> None:
+) -> ShardInfo | None:
     s_local = query.shape[2]
-    seq_len = s_local * ctx.world_size
     if key.shape[2] != s_local:
-        _fail(
-            f"a KV cache or cross-attention (query length {s_local}, key length {key.shape[2]})",
-            "pass use_cache=False when training, and call generate() outside hf_ringcp.context_parallel",
-        )
+        _fail(f"a KV cache or cross-attention (query length {s_local}, key length {key.shape[2]})", _GENERATE)
     if attention_mask is not None:
         _fail(f"an explicit attention mask of shape {tuple(attention_mask.shape)}", f"drop it, or {_INSTEAD}")
     is_causal = kwargs.get("is_causal")
@@ -176,20 +219,22 @@ def _check_supported(
             "set config.attention_dropout=0 (e.g. from_pretrained(..., attention_dropout=0.0)) or call model.eval()",
         )
     if kwargs.get("softcap") is not None:
-        _fail(f"logit soft-capping (softcap={kwargs['softcap']})", _INSTEAD)
-    window = kwargs.get("sliding_window")
-    if window is None:
-        window = getattr(module, "sliding_window", None)
-    if window is not None and window < seq_len:
         _fail(
-            f"a sliding window ({window}) shorter than the global sequence ({seq_len} tokens)",
-            f"use sequences of at most {window} tokens, disable the window (e.g. config.sliding_window=None / "
-            f"use_sliding_window=False if the model was trained without it), or {_INSTEAD}",
+            f"logit soft-capping (softcap={kwargs['softcap']})",
+            "no ring kernel applies it; train this model without context parallelism with "
+            "attn_implementation='eager' (transformers' only implementation that soft-caps)",
         )
     for name, what in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) is not None:
             _fail(what, _INSTEAD)
-    _check_positions(kwargs.get("position_ids"), ctx, s_local)
+    for name in _PACKING_KWARGS:
+        if kwargs.get(name) is not None:
+            _fail(f"packed-sequence kwargs given to the model (`{name}`)", _SHARD)
+    info = kwargs.get(SHARD_KEY)
+    if info is not None and not isinstance(info, ShardInfo):
+        raise TypeError(f"`{SHARD_KEY}` must be the ShardInfo that hf_ringcp.shard_batch made, not {type(info)}.")
+    _check_positions(kwargs.get("position_ids"), ctx, s_local, info, bool(kwargs.get("use_cache")))
+    return info
 
 
 class _RecomputeGuard:
@@ -223,6 +268,15 @@ class _RecomputeGuard:
 _RECOMPUTE = _RecomputeGuard()
 
 
+def _one_rank_context(ctx: RingContext | None, info: ShardInfo) -> RingContext:
+    if ctx is not None:
+        return dataclasses.replace(ctx, force_ring=True)
+    if group_rank_and_size(None)[1] > 1:
+        _fail(f"a batch sharded for {info.placement.world} rank(s) outside hf_ringcp.context_parallel",
+              "run the model inside `with hf_ringcp.context_parallel(group, layout=...)`")
+    return make_context(None, layout=info.layout, force_ring=True)
+
+
 def ring_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -237,28 +291,39 @@ def ring_attention_forward(
 
     Args:
         module: the calling attention layer (read for ``is_causal`` and ``sliding_window``).
-        query: ``[B, Hq, S_local, D]``, this rank's queries (after RoPE at global positions).
+        query: ``[B, Hq, S_local, D]``, this rank's queries (after RoPE at their positions).
         key, value: ``[B, Hkv, S_local, D]``, not repeated for grouped-query attention.
         attention_mask: what :func:`ring_attention_mask` built; ``None`` under context parallelism.
         dropout: attention dropout probability; must be 0 under context parallelism.
         scaling: softmax scale (default ``1 / sqrt(D)``).
-        **kwargs: the model's extra attention kwargs (``position_ids``, ``sliding_window``, ``softcap``, ...).
+        **kwargs: the model's extra attention kwargs (``position_ids``, ``sliding_window``, ``softcap``, and
+            ``cp_shard`` from :func:`hf_ringcp.shard_batch`).
 
     Returns:
         ``(out, None)`` with ``out`` ``[B, S_local, Hq, D]`` contiguous: causal attention of each local query
-        over all keys at global positions ``<=`` its own, across the ranks of the active group.
+        over the keys of its own document at global positions ``<=`` its own (within the layer's sliding
+        window), across the ranks of the active group.
     """
     ctx = get_context()
-    if ctx is None or not ctx.cp_enabled:
+    info = kwargs.get(SHARD_KEY)
+    padded_shard, _PADDED_SHARD.seen = _PADDED_SHARD.seen, False
+    if info is None and padded_shard:
+        _fail("a batch from hf_ringcp.shard_batch given to the model without its `cp_shard` entry (its documents "
+              "and padding)", "pass the whole output of shard_batch to the model")
+    if (ctx is None or not ctx.ring_active) and info is None:
         _RECOMPUTE.check_fallback(module)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    _check_supported(module, query, key, attention_mask, dropout, kwargs, ctx)
+    if ctx is None or not ctx.ring_active:
+        # A shard on one rank: its documents and padding need the ring's own kernels, not SDPA.
+        ctx = _one_rank_context(ctx, info)
+    info = _check_supported(module, query, key, attention_mask, dropout, kwargs, ctx)
     if module.training:
         _RECOMPUTE.armed = True
     out = ring_attention(
         query, key, value, ctx.group, causal=True, scale=scaling, layout=ctx.layout, comm=ctx.comm,
-        backend=ctx.backend,
+        backend=ctx.backend, cu_seqlens=None if info is None else info.documents, window=_window_of(module, kwargs),
+        ulysses_size=ctx.ulysses_size,
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -289,3 +354,7 @@ def register() -> None:
                 "registration (hf_ringcp.register() is then safe to call again)."
             )
         interface.register(KEY, fn)
+
+
+# Whoever imports this module wants "ring" registered (also when transformers is first imported from here).
+register()

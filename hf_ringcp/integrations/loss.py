@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hf_ringcp.integrations.batch import IGNORE_INDEX
-from hf_ringcp.integrations.context import get_context
+from hf_ringcp.integrations.context import get_context, resolve_group
+from hf_ringcp.integrations.models import causal_lm, prepare_model, text_config
 from hf_ringcp.ring.group import group_rank_and_size
 
 LogitsTransform = Callable[[torch.Tensor], torch.Tensor]
@@ -87,9 +88,7 @@ def logits_transform_for(model: torch.nn.Module) -> LogitsTransform | None:
     Handles ``final_logit_softcapping`` (Gemma family: ``cap * tanh(logits / cap)``). Raises for
     ``logit_scale`` / ``logits_scaling``, whose direction (multiply or divide) differs between model families.
     """
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
+    config = text_config(model)
     for name in ("logit_scale", "logits_scaling"):
         value = getattr(config, name, None)
         if value is not None and value != 1.0:
@@ -106,10 +105,7 @@ def logits_transform_for(model: torch.nn.Module) -> LogitsTransform | None:
 
 
 def _cp_group(group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup | None, int]:
-    ctx = get_context()
-    if ctx is not None and group is None:
-        return ctx.group, ctx.world_size
-    if ctx is None:
+    if get_context() is None:
         if group is not None and group_rank_and_size(group)[1] > 1:
             raise ValueError(
                 "causal_lm_loss was given a context-parallel `group` of size > 1 but no hf_ringcp.context_parallel "
@@ -117,26 +113,19 @@ def _cp_group(group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup | None
                 "`with hf_ringcp.context_parallel(group, layout=...)`."
             )
         return None, 1
+    group = resolve_group(group)
     return group, group_rank_and_size(group)[1]
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model that has ``get_decoder``/``get_output_embeddings`` under DDP/FSDP (``.module``) or compile wrappers.
+def normalise(loss_sum: torch.Tensor, num_items: torch.Tensor | int, averaged_over: int = 1) -> torch.Tensor:
+    """The value to call ``backward()`` on: ``loss_sum * averaged_over / N``.
 
-    A peft ``PeftModel`` already forwards both to the transformers model it wraps.
+    ``N`` counts the loss targets of the whole step over every rank whose losses add up to the global mean;
+    ``averaged_over`` is the number of ranks a data-parallel wrapper (DDP, FSDP) averages gradients over, which the
+    factor turns back into a sum. An all-ignored step gives 0, not NaN.
     """
-    inner = model
-    while not (hasattr(inner, "get_decoder") and hasattr(inner, "get_output_embeddings")):
-        nested = getattr(inner, "module", None)
-        if nested is None:
-            nested = getattr(inner, "_orig_mod", None)
-        if nested is None:
-            raise TypeError(
-                f"causal_lm_loss needs a *ForCausalLM model (with get_decoder() and get_output_embeddings()), "
-                f"possibly wrapped by peft, DDP or torch.compile; got {type(model).__name__}."
-            )
-        inner = nested
-    return inner
+    total = torch.as_tensor(num_items, device=loss_sum.device).to(loss_sum.dtype)
+    return loss_sum * averaged_over / total.clamp(min=1)
 
 
 def _loss_through_forward(
@@ -149,7 +138,7 @@ def _loss_through_forward(
     gradient reduction there, peft applies its forward hooks. The head runs on chunks in a forward hook of the
     decoder; the model's own head then sees an empty slice (``logits_to_keep`` with no positions).
     """
-    inner = unwrap_model(model)
+    inner = causal_lm(model)
     if getattr(getattr(inner, "active_peft_config", None), "is_prompt_learning", False):
         raise ValueError(
             "causal_lm_loss does not support peft prompt-learning methods (their virtual tokens change the "
@@ -182,8 +171,9 @@ def causal_lm_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int = 4096,
     logits_transform: LogitsTransform | None = None,
+    averaged_over: int = 1,
 ) -> torch.Tensor:
-    """This rank's share of the causal-LM loss: ``sum of local token losses / N``.
+    """This rank's share of the causal-LM loss: ``sum of local token losses * averaged_over / N``.
 
     Runs the model's forward on the local tokens, taking the decoder output (``model.get_decoder()``) to the
     output head (``model.get_output_embeddings()``, called as a module) and the cross-entropy in checkpointed
@@ -206,11 +196,13 @@ def causal_lm_loss(
         chunk_size: tokens per head/loss chunk.
         logits_transform: applied to float32 logits before the loss; by default derived from the model
             config (``final_logit_softcapping``).
+        averaged_over: the number of ranks whose gradients a wrapper averages (DDP/FSDP over the whole world);
+            see :func:`normalise`.
 
     Returns:
-        float32 scalar ``local_sum / N``. The sum over the CP ranks is the global token-mean loss; after
-        ``backward()`` on every rank, a SUM all-reduce of the gradients over the CP group gives the gradients
-        of the unsharded model.
+        float32 scalar ``local_sum * averaged_over / N``. With ``averaged_over=1`` the sum over the CP ranks is the
+        global token-mean loss; after ``backward()`` on every rank, a SUM all-reduce of the gradients over the CP
+        group gives the gradients of the unsharded model.
     """
     labels = sharded_batch.get("shift_labels")
     if labels is None:
@@ -219,14 +211,12 @@ def causal_lm_loss(
             "hf_ringcp.shard_batch(batch, group, layout=...) from a batch that has `labels`."
         )
     group, world = _cp_group(group)
+    prepare_model(model)
     if logits_transform is None:
-        logits_transform = logits_transform_for(unwrap_model(model))
+        logits_transform = logits_transform_for(model)
     loss_sum, count = _loss_through_forward(model, sharded_batch, labels, chunk_size, logits_transform)
     if num_items_in_batch is None:
         if world > 1:
             dist.all_reduce(count, group=group)
-        total = count
-    else:
-        total = torch.as_tensor(num_items_in_batch, device=loss_sum.device)
-    # An all-ignored step gives 0, not NaN.
-    return loss_sum / total.clamp(min=1).to(loss_sum.dtype)
+        num_items_in_batch = count
+    return normalise(loss_sum, num_items_in_batch, averaged_over)

@@ -164,9 +164,9 @@ class TiledMLP:
 
 
 def _decoder_layers(model: torch.nn.Module):
-    from hf_ringcp.integrations.loss import unwrap_model
+    from hf_ringcp.integrations.models import causal_lm
 
-    decoder = unwrap_model(model).get_decoder()
+    decoder = causal_lm(model).get_decoder()
     layers = getattr(decoder, "layers", None)
     if layers is None:
         raise TypeError(f"tile_mlp found no `layers` on the decoder {type(decoder).__name__}.")

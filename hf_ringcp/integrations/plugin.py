@@ -9,7 +9,8 @@ CPU, "sdpa" only), so hf_ringcp composes with a plain :class:`accelerate.Acceler
   ``prepare_data_loader`` then gives every rank of a CP group the same batches (``process_index // cp``) and
   splits the data over the ``dp`` groups only — no sample is skipped or seen twice;
 - DDP (or FSDP) averages gradients over all ``dp * cp`` ranks, so each rank's loss is
-  ``world * local_sum / N_global``: the average over ranks is then exactly the gradient of the global token mean.
+  ``world * local_sum / N_global`` (:func:`hf_ringcp.integrations.loss.normalise`): the average over ranks is
+  then exactly the gradient of the global token mean.
 """
 
 from __future__ import annotations
@@ -25,20 +26,18 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from hf_ringcp.integrations.batch import (
-    IGNORE_INDEX,
-    _check_attention_mask,
-    _check_position_ids,
-    shard_batch,
-    shift_labels_of,
-)
-from hf_ringcp.integrations.context import COMM_NAMES, context_parallel
+from hf_ringcp.integrations.batch import count_targets, pad_batch_to_multiple, shard_batch
+from hf_ringcp.integrations.context import context_parallel
 from hf_ringcp.integrations.loss import causal_lm_loss
 from hf_ringcp.integrations.memory import offload_to_cpu, tile_mlp
-from hf_ringcp.ring import BACKEND_NAMES, LAYOUTS
+from hf_ringcp.integrations.models import check_ring_model, prepare_model
+from hf_ringcp.ring import RingConfig
 from hf_ringcp.ring.group import collective_device, group_rank_and_size
 
+__all__ = ["ContextParallelPlugin", "pad_batch_to_multiple"]
+
 ENV_PREFIX = "HF_RINGCP_"
+_MESHES: dict[tuple, DeviceMesh] = {}
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -51,7 +50,9 @@ def _env_value(name: str, kind: type) -> Any:
         if raw.lower() not in _TRUE + _FALSE:
             raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a boolean; use one of {_TRUE + _FALSE}.")
         return raw.lower() in _TRUE
-    if kind is int:
+    if kind == "int_or_auto" and raw == "auto":
+        return raw
+    if kind in (int, "int_or_auto"):
         try:
             return int(raw)
         except ValueError:
@@ -59,61 +60,18 @@ def _env_value(name: str, kind: type) -> Any:
     return raw
 
 
-def base_pretrained_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The ``PreTrainedModel`` inside DDP/FSDP/compile *and* peft wrappers (for its config)."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
-            model = model.get_base_model()
-        else:
-            return model
-
-
-def check_ring_model(model: torch.nn.Module) -> None:
-    """Raise ``ValueError`` unless ``model`` (possibly wrapped) uses ``attn_implementation="ring"``."""
-    base = base_pretrained_model(model)
-    impl = getattr(getattr(base, "config", None), "_attn_implementation", None)
-    if impl != "ring":
+def check_accelerate_world(accelerator: Any) -> None:
+    """Raise unless Accelerate sees every torch.distributed rank (else it wraps nothing in DDP, silently)."""
+    if not dist.is_initialized():
+        return
+    seen, world = accelerator.num_processes, dist.get_world_size()
+    if seen != world:
         raise ValueError(
-            f"The model uses attn_implementation={impl!r}, so it would train on each rank's shard alone. Load it "
-            "with `from_pretrained(..., attn_implementation='ring')` (after `import hf_ringcp`) or call "
-            "`model.set_attn_implementation('ring')`."
+            f"Accelerate sees {seen} process(es) (distributed_type={accelerator.distributed_type}) but "
+            f"torch.distributed has {world} ranks, so the model would not be wrapped for data parallelism and every "
+            "rank would step on the gradient of its own tokens. On CPU, create the Accelerator with "
+            "Accelerator(cpu=True) (for the Trainer: TrainingArguments(use_cpu=True))."
         )
-
-
-def pad_batch_to_multiple(batch: Mapping[str, Any], multiple: int, pad_token_id: int = 0) -> dict[str, Any]:
-    """Pad ``[B, S]`` tensors at the end of the sequence so ``S`` is a multiple of ``multiple``.
-
-    ``input_ids`` get ``pad_token_id``; ``labels``/``shift_labels`` get ``-100`` (the padding is never a target;
-    ``shift_labels`` are derived from unpadded ``labels`` first so the last real token stays unsupervised).
-    Causal attention keeps real tokens from seeing the padding after them, so the loss is unchanged.
-    """
-    out = dict(batch)
-    ids = out.get("input_ids")
-    if ids is None:
-        raise ValueError("Padding to the CP sequence divisor needs `input_ids` [B, S] in the batch.")
-    seq_len = ids.shape[1]
-    pad = (-seq_len) % multiple
-    if pad == 0:
-        return out
-    if "labels" in out and "shift_labels" not in out:
-        out["shift_labels"] = shift_labels_of(out.pop("labels"))
-    for key, value in list(out.items()):
-        if not (torch.is_tensor(value) and value.dim() >= 2 and value.shape[1] == seq_len):
-            continue
-        if key in ("attention_mask", "position_ids"):
-            # The checks shard_batch would apply, before the padding makes them fail: then it rebuilds both.
-            check = _check_attention_mask if key == "attention_mask" else _check_position_ids
-            check(value, ids.shape[0], seq_len)
-            out.pop(key)
-            continue
-        fill = IGNORE_INDEX if key in ("labels", "shift_labels") else pad_token_id
-        value_pad = value.new_full((value.shape[0], pad, *value.shape[2:]), fill)
-        out[key] = torch.cat([value, value_pad], dim=1)
-    return out
 
 
 @dataclass
@@ -138,12 +96,15 @@ class ContextParallelPlugin:
     """
 
     cp_size: int | None = field(default=None, metadata={"help": "Ranks sharing one sequence (HF_RINGCP_CP_SIZE)."})
-    layout: str | None = field(default=None, metadata={"help": "'zigzag' (default) or 'contiguous'."})
-    comm: str | None = field(default=None, metadata={"help": "'p2p' (default) or 'allgather'."})
+    layout: str | None = field(default=None, metadata={"help": "'zigzag' (default), 'contiguous', 'striped', ..."})
+    comm: str | None = field(default=None, metadata={"help": "'p2p' (default), 'allgather', 'ulysses' or 'auto'."})
+    ulysses_size: int | str | None = field(
+        default=None, metadata={"help": "Ulysses groups of the hybrid Ulysses x ring (1: plain ring; 'auto')."}
+    )
     backend: str | None = field(default=None, metadata={"help": "Attention kernel; 'auto' (default) picks."})
     loss_chunk_size: int | None = field(default=None, metadata={"help": "Tokens per chunked-loss chunk (4096)."})
     pad_to_multiple: bool | None = field(
-        default=None, metadata={"help": "Pad sequences to the CP divisor with ignored labels instead of failing."}
+        default=None, metadata={"help": "Pad sequences to the CP divisor with ignored labels (default on)."}
     )
     pad_token_id: int | None = field(default=None, metadata={"help": "Token used for that padding (0)."})
     offload_activations: bool | None = field(
@@ -154,14 +115,14 @@ class ContextParallelPlugin:
     )
 
     _DEFAULTS: ClassVar[dict[str, Any]] = {
-        "cp_size": 1, "layout": "zigzag", "comm": "p2p", "backend": "auto", "loss_chunk_size": 4096,
-        "pad_to_multiple": False, "pad_token_id": 0, "offload_activations": False, "mlp_tile_tokens": 0,
+        "cp_size": 1, "layout": "zigzag", "comm": "p2p", "ulysses_size": 1, "backend": "auto", "loss_chunk_size": 4096,
+        "pad_to_multiple": True, "pad_token_id": 0, "offload_activations": False, "mlp_tile_tokens": 0,
     }
 
     def __post_init__(self) -> None:
         kinds = {
             "cp_size": int, "loss_chunk_size": int, "pad_to_multiple": bool, "pad_token_id": int,
-            "offload_activations": bool, "mlp_tile_tokens": int,
+            "offload_activations": bool, "mlp_tile_tokens": int, "ulysses_size": "int_or_auto",
         }
         for f in fields(self):
             if getattr(self, f.name) is None:
@@ -169,21 +130,26 @@ class ContextParallelPlugin:
                 setattr(self, f.name, self._DEFAULTS[f.name] if env is None else env)
         if not isinstance(self.cp_size, int) or self.cp_size < 1:
             raise ValueError(f"`cp_size` must be a positive integer, but got {self.cp_size!r}.")
-        for name, valid in (("layout", LAYOUTS), ("comm", COMM_NAMES), ("backend", BACKEND_NAMES)):
-            if getattr(self, name) not in valid:
-                raise ValueError(f"`{name}` must be one of {valid}, but got {getattr(self, name)!r}.")
+        config = self.config  # validates layout, comm, backend and ulysses_size
+        if self.ulysses_size != "auto":
+            config.check_world(self.cp_size)
         if self.loss_chunk_size < 1:
             raise ValueError(f"`loss_chunk_size` must be positive, but got {self.loss_chunk_size}.")
         if self.mlp_tile_tokens < 0:
             raise ValueError(f"`mlp_tile_tokens` must be >= 0 (0 turns tiling off), but got {self.mlp_tile_tokens}.")
         self._mesh: DeviceMesh | None = None
 
+    @property
+    def config(self) -> RingConfig:
+        """The validated :class:`~hf_ringcp.ring.RingConfig` of ``layout``, ``comm`` and ``backend``."""
+        return RingConfig(layout=self.layout, comm=self.comm, backend=self.backend, ulysses_size=self.ulysses_size)
+
     # ------------------------------------------------------------------------------------------------ mesh
 
     @property
     def seq_divisor(self) -> int:
         """Sequence lengths must be multiples of this: ``2 * cp_size`` for zigzag, ``cp_size`` otherwise."""
-        return 2 * self.cp_size if self.layout == "zigzag" else self.cp_size
+        return self.config.layout_for(self.cp_size).divisor
 
     @property
     def world_size(self) -> int:
@@ -193,8 +159,12 @@ class ContextParallelPlugin:
     def dp_size(self) -> int:
         return self.world_size // self.cp_size
 
-    def build_mesh(self, device_type: str | None = None) -> DeviceMesh:
-        """Build (once) the ``("dp_replicate", "cp")`` mesh over the whole world."""
+    def build_mesh(self, device_type: str | None = None) -> DeviceMesh | None:
+        """Build (once) the ``("dp_replicate", "cp")`` mesh over the whole world; ``None`` without torch.distributed.
+
+        Never initialises torch.distributed itself: a plain ``python script.py`` is a world of one, which needs no
+        mesh (``cp_size`` must then be 1).
+        """
         if self._mesh is not None:
             return self._mesh
         if not dist.is_initialized():
@@ -203,9 +173,12 @@ class ContextParallelPlugin:
                     "torch.distributed is not initialised although WORLD_SIZE > 1: create the Accelerator (or call "
                     "torch.distributed.init_process_group) before building the CP mesh."
                 )
-            # A plain `python script.py`: a one-rank group keeps every code path the same as under a launcher.
-            backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            if self.cp_size != 1:
+                raise ValueError(
+                    f"cp_size={self.cp_size} needs {self.cp_size} processes, but this is a single process without "
+                    f"torch.distributed: launch with `accelerate launch --num_processes {self.cp_size}` or torchrun."
+                )
+            return None
         world = dist.get_world_size()
         if world % self.cp_size != 0:
             raise ValueError(
@@ -215,24 +188,35 @@ class ContextParallelPlugin:
         if device_type is None:
             device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
         shape = (world // self.cp_size, self.cp_size)
-        self._mesh = init_device_mesh(device_type, shape, mesh_dim_names=("dp_replicate", "cp"))
+        # One mesh per shape and process group: plugins (and Trainers) created one after another share it, so
+        # its process groups are made once and Accelerate's state keeps seeing the same mesh.
+        key = (device_type, shape, id(dist.group.WORLD))
+        if key not in _MESHES:
+            _MESHES[key] = init_device_mesh(device_type, shape, mesh_dim_names=("dp_replicate", "cp"))
+        self._mesh = _MESHES[key]
         return self._mesh
 
     @property
-    def mesh(self) -> DeviceMesh:
-        return self.build_mesh()
+    def mesh(self) -> DeviceMesh | None:
+        """The mesh built by :meth:`build_mesh` (``None`` in a single process without torch.distributed)."""
+        if self._mesh is None and dist.is_initialized():
+            raise RuntimeError("The CP mesh is not built yet: call plugin.build_mesh() or plugin.prepare(...) first.")
+        return self._mesh
 
     @property
-    def cp_group(self) -> dist.ProcessGroup:
-        return self.mesh.get_group("cp")
+    def cp_group(self) -> dist.ProcessGroup | None:
+        mesh = self.mesh
+        return None if mesh is None else mesh.get_group("cp")
 
     @property
     def dp_rank(self) -> int:
-        return self.mesh.get_local_rank("dp_replicate")
+        mesh = self.mesh
+        return 0 if mesh is None else mesh.get_local_rank("dp_replicate")
 
     @property
     def cp_rank(self) -> int:
-        return self.mesh.get_local_rank("cp")
+        mesh = self.mesh
+        return 0 if mesh is None else mesh.get_local_rank("cp")
 
     # ------------------------------------------------------------------------------------------ accelerate
 
@@ -244,7 +228,10 @@ class ContextParallelPlugin:
                 f"Accelerate's own context parallelism is also set (parallelism_config.cp_size={pc.cp_size}). Use "
                 "one: remove `cp_size` from the Accelerate/Trainer parallelism config when using hf_ringcp."
             )
+        check_accelerate_world(accelerator)
         mesh = self.build_mesh()
+        if mesh is None:
+            return
         current = accelerator.state.device_mesh
         if current is not None and current is not mesh:
             raise ValueError(
@@ -262,8 +249,9 @@ class ContextParallelPlugin:
         return accelerator.prepare(*objects)
 
     def prepare_model(self, model: torch.nn.Module) -> None:
-        """Check ``model`` uses ``"ring"`` and apply the opt-in MLP tiling (idempotent)."""
+        """Check ``model`` uses ``"ring"``, make it exact under CP and apply the opt-in MLP tiling (idempotent)."""
         check_ring_model(model)
+        prepare_model(model)
         if self.mlp_tile_tokens and not getattr(model, "_hf_ringcp_tiled", False):
             tile_mlp(model, self.mlp_tile_tokens)
             model._hf_ringcp_tiled = True
@@ -272,20 +260,19 @@ class ContextParallelPlugin:
 
     def context(self) -> AbstractContextManager:
         """:func:`hf_ringcp.context_parallel` over this plugin's CP group; keep forward *and* backward inside."""
-        return context_parallel(self.cp_group, layout=self.layout, comm=self.comm, backend=self.backend)
+        self.build_mesh()
+        return context_parallel(self.cp_group, layout=self.layout, comm=self.comm, backend=self.backend,
+                                ulysses_size=self.ulysses_size)
 
     def shard(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        """This rank's part of a full batch (see :func:`hf_ringcp.shard_batch`), padded first if configured."""
-        if self.pad_to_multiple:
-            batch = pad_batch_to_multiple(batch, self.seq_divisor, self.pad_token_id)
-        return shard_batch(batch, self.cp_group, layout=self.layout)
+        """This rank's part of a full batch (see :func:`hf_ringcp.shard_batch`): packing, padding, labels, split."""
+        self.build_mesh()
+        return shard_batch(batch, self.cp_group, layout=self.layout, pad_to_multiple=self.pad_to_multiple,
+                           pad_token_id=self.pad_token_id)
 
     def count_items(self, sharded_batches: Iterable[Mapping[str, Any]]) -> torch.Tensor:
         """Global number of loss targets over all ranks in the given (sharded) micro-batches — the ``N`` of a step."""
-        local = sum(int((b["shift_labels"] != IGNORE_INDEX).sum()) for b in sharded_batches)
-        total = torch.tensor(float(local), dtype=torch.float64, device=self.comm_device)
-        dist.all_reduce(total)
-        return total
+        return count_targets(sharded_batches)
 
     def loss(
         self, model: torch.nn.Module, sharded_batch: Mapping[str, Any], num_items_in_batch: torch.Tensor | None = None
@@ -299,23 +286,24 @@ class ContextParallelPlugin:
         if num_items_in_batch is None:
             num_items_in_batch = self.count_items([sharded_batch])
         with offload_to_cpu() if self.offload_activations else contextlib.nullcontext():
-            local = causal_lm_loss(
+            return causal_lm_loss(
                 model, sharded_batch, group=self.cp_group, num_items_in_batch=num_items_in_batch,
-                chunk_size=self.loss_chunk_size,
+                chunk_size=self.loss_chunk_size, averaged_over=self.world_size,
             )
-        return local * self.world_size
 
     def eval_loss(self, model: torch.nn.Module, sharded_batch: Mapping[str, Any]) -> torch.Tensor:
         """The token-mean loss of the batch this CP group shares, identical on its ranks (for evaluation)."""
         local = causal_lm_loss(model, sharded_batch, group=self.cp_group, chunk_size=self.loss_chunk_size)
         total = local.detach().clone()
-        dist.all_reduce(total, group=self.cp_group)
+        if self.cp_size > 1:
+            dist.all_reduce(total, group=self.cp_group)
         return total
 
     def loss_value(self, loss: torch.Tensor) -> float:
         """The global token-mean loss from the per-rank values returned by :meth:`loss` (one all-reduce)."""
         total = loss.detach().double().clone()
-        dist.all_reduce(total)
+        if dist.is_initialized():
+            dist.all_reduce(total)
         return total.item() / self.world_size
 
     @property

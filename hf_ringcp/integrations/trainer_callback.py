@@ -1,31 +1,60 @@
-"""``RingCPCallback``: context parallelism for ``transformers.Trainer`` by adding one callback.
+"""``RingCPCallback``: context parallelism for ``transformers.Trainer`` (and TRL's ``SFTTrainer``) by one callback.
 
 A ``TrainerCallback`` only sees events, not the Trainer, and what CP needs sits inside it: the data split, the
 batch sharding and the loss. So at ``on_init_end`` — called at the end of ``Trainer.__init__`` — the callback
-finds that Trainer (the caller's frame) and uses the Trainer's documented extension points on that instance
-only, never on the class or on transformers' modules:
+finds that Trainer (the caller's frame) and uses the Trainer's own seams on that instance only, never on the class
+or on transformers' modules:
 
 - ``accelerator.state.device_mesh`` gets the ``("dp_replicate", "cp")`` mesh before any dataloader exists, so
   Accelerate gives a CP group the same batches and splits data over ``dp`` groups (see ``plugin.py``);
-- ``compute_loss`` (documented "subclass and override") is replaced by one that shards the batch, runs the
-  ``"ring"`` model inside :func:`hf_ringcp.context_parallel` and computes the chunked, exact global loss;
+- ``_prepare_context_parallel_inputs(model, inputs)``, which ``training_step`` (and ``Trainer.prediction_step``)
+  call for context parallelism, shards the batch (:func:`hf_ringcp.shard_batch`) and returns
+  :func:`hf_ringcp.context_parallel` as the step's context;
+- ``get_batch_samples`` counts the step's loss targets by the loss's own rules (no targets across documents or
+  from padding), so ``num_items_in_batch`` makes the loss the exact global token mean;
+- the loss: the plain Trainer's ``compute_loss`` ("subclass and override") becomes the chunked
+  :func:`hf_ringcp.causal_lm_loss` (no full-vocabulary logits); a Trainer whose ``compute_loss`` scores the
+  pre-shifted ``shift_labels`` of the shard keeps its own — TRL's ``SFTTrainer``, whose fused LM head does, or any
+  subclass you vouch for with ``custom_compute_loss=True``;
+- ``prediction_step`` tells the loss whether logits are wanted (``compute_metrics``, ``predict``), which come back
+  unsharded in the batch's token order; for trainers whose ``prediction_step`` skips the seam (``SFTTrainer``) it
+  shards the batch itself and makes the per-shard eval loss the group's token mean; ``evaluation_loop`` sets the
+  loop's ``gather_function`` (reset by the Trainer after every loop) to keep one copy of each CP group's outputs,
+  and ``accelerator.gather_for_metrics`` gathers per-rank scalars (TRL's metric sums over the shards) whole;
 - ``log`` is wrapped to add tokens/s (global and per device), peak memory and the CP layout.
 
-Versions: written against transformers 5.17-5.23 ``Trainer.compute_loss(model, inputs, return_outputs=False,
-num_items_in_batch=None)``; :func:`_check_trainer_api` refuses Trainers whose hooks differ.
+Versions: tested with transformers 5.17-5.24 and trl 1.16; :func:`check_trainer_api` refuses Trainers whose hooks
+differ and warns outside the tested range.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 from transformers import Trainer, TrainerCallback
 
+from hf_ringcp.integrations.batch import IGNORE_INDEX, SHARD_KEY, local_targets, unshard_predictions
 from hf_ringcp.integrations.metrics import ThroughputMeter
 from hf_ringcp.integrations.plugin import ContextParallelPlugin
+
+#: The transformers releases the callback is tested with (CI: the newest; the GPU image: the oldest).
+TESTED_TRANSFORMERS = ("5.17", "5.24")
+#: The oldest TRL whose SFTTrainer scores pre-shifted ``shift_labels`` (its fused LM head).
+MIN_TRL = "1.16"
+
+_AT_CONSTRUCTION = (
+    "RingCPCallback must be passed to the Trainer at construction: Trainer(..., callbacks=[RingCPCallback(...)]); "
+    "adding it later with trainer.add_callback() is too late to set up the data split."
+)
 
 
 def _find_trainer(callback: TrainerCallback) -> Trainer:
@@ -36,75 +65,117 @@ def _find_trainer(callback: TrainerCallback) -> Trainer:
         if isinstance(candidate, Trainer) and callback in getattr(handler, "callbacks", ()):
             return candidate
         frame = frame.f_back
-    raise RuntimeError(
-        "RingCPCallback must be passed to the Trainer at construction: Trainer(..., callbacks=[RingCPCallback(...)]); "
-        "adding it later with trainer.add_callback() is too late to set up the data split."
-    )
+    raise RuntimeError(_AT_CONSTRUCTION)
 
 
-def _check_trainer_api(trainer: Trainer) -> None:
+def _is_sft_trainer(trainer: Trainer) -> bool:
+    return any(c.__name__ == "SFTTrainer" and c.__module__.startswith("trl") for c in type(trainer).__mro__)
+
+
+def check_trainer_api(trainer: Trainer, custom_compute_loss: bool = False) -> None:
+    """Refuse Trainers whose hooks the callback cannot use; warn for versions outside the tested range."""
     params = list(inspect.signature(type(trainer).compute_loss).parameters)
     if params[:5] != ["self", "model", "inputs", "return_outputs", "num_items_in_batch"]:
         raise RuntimeError(
             f"RingCPCallback supports Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch) "
-            f"(transformers 5.17-5.23), but this Trainer has {params}. Use ContextParallelPlugin in a custom loop."
+            f"(transformers {'-'.join(TESTED_TRANSFORMERS)}), but this Trainer has {params}. Use "
+            "ContextParallelPlugin in a custom loop."
         )
-    if type(trainer).compute_loss is not Trainer.compute_loss:
+    for seam in ("_prepare_context_parallel_inputs", "get_batch_samples", "evaluation_loop", "prediction_step"):
+        if not callable(getattr(trainer, seam, None)):
+            raise RuntimeError(
+                f"This Trainer has no `{seam}`, which RingCPCallback uses (transformers "
+                f"{'-'.join(TESTED_TRANSFORMERS)} have it). Install a tested transformers release."
+            )
+    sft = _is_sft_trainer(trainer)
+    if type(trainer).compute_loss is not Trainer.compute_loss and not (sft or custom_compute_loss):
         raise RuntimeError(
-            f"{type(trainer).__name__} overrides compute_loss, which RingCPCallback must own to shard batches and "
-            "compute the context-parallel loss. Use the plain Trainer, or ContextParallelPlugin in your subclass."
+            f"{type(trainer).__name__} overrides compute_loss. Under context parallelism its model call sees one "
+            "rank's shard, with the targets pre-shifted in `shift_labels` and no full `labels`. If its loss is "
+            "computed from `shift_labels` (as transformers' causal-LM losses and TRL's fused LM head do) and "
+            "normalised by `num_items_in_batch`, pass RingCPCallback(..., custom_compute_loss=True); otherwise use "
+            "the plain Trainer, or ContextParallelPlugin (plugin.shard / plugin.loss) inside your compute_loss."
         )
+    if sft:
+        import trl
+
+        if Version(trl.__version__) < Version(MIN_TRL):
+            raise RuntimeError(
+                f"RingCPCallback needs trl >= {MIN_TRL} for SFTTrainer (its fused LM head scores the pre-shifted "
+                f"labels of a shard); {trl.__version__} is installed: pip install 'trl>={MIN_TRL}'."
+            )
     pc = getattr(trainer.accelerator, "parallelism_config", None)
     if pc is not None and getattr(pc, "cp_size", 1) > 1:
         raise ValueError(
             f"TrainingArguments/Accelerate parallelism_config sets cp_size={pc.cp_size} as well as RingCPCallback. "
             "Use one: remove cp_size from parallelism_config."
         )
+    low, high = (Version(v) for v in TESTED_TRANSFORMERS)
+    installed = Version(transformers.__version__)
+    if not low.release <= installed.release[:2] <= high.release:
+        warnings.warn(
+            f"RingCPCallback is tested with transformers {TESTED_TRANSFORMERS[0]}-{TESTED_TRANSFORMERS[1]}; "
+            f"{transformers.__version__} is installed. Check the first steps against a run without CP.",
+            stacklevel=3,
+        )
 
 
 class RingCPCallback(TrainerCallback):
-    """Train a ``"ring"`` model under context parallelism with ``transformers.Trainer``.
+    """Train a ``"ring"`` model under context parallelism with ``transformers.Trainer`` or TRL's ``SFTTrainer``.
 
     ``Trainer(model, args, ..., callbacks=[RingCPCallback(cp_size=4)])``: every rank of a CP group gets the same
-    samples (data parallel degree ``world / cp_size``), each batch is sharded in the chosen layout, the loss is
-    the exact global token mean (gradient accumulation included) and so is the eval loss. Logs gain
-    ``tokens_per_second``, ``tokens_per_second_per_device``, ``peak_memory_gib``, ``cp_size`` and ``cp_layout``.
+    samples (data parallel degree ``world / cp_size``), each batch is sharded in the chosen layout (packed and
+    padded batches too), the loss is the exact global token mean (gradient accumulation included) and so is the
+    eval loss; ``compute_metrics`` and ``predict`` get the logits unsharded. Logs gain ``tokens_per_second``,
+    ``tokens_per_second_per_device``, ``peak_memory_gib``, ``cp_size`` and ``cp_layout``.
 
     Args:
         plugin: a :class:`ContextParallelPlugin`; or pass its fields (``cp_size=``, ``layout=``, ...) directly.
         model_flops_per_token: training FLOPs per token (see :mod:`hf_ringcp.integrations.metrics`); with
             ``peak_flops_per_device`` the logs gain ``mfu``.
         peak_flops_per_device: dense peak FLOP/s of one device (e.g. 989e12 for an H100 SXM in bf16).
+        custom_compute_loss: keep the ``compute_loss`` of a Trainer subclass that overrides it (it must score the
+            shard's ``shift_labels`` and normalise by ``num_items_in_batch``); TRL's ``SFTTrainer`` needs no flag.
     """
 
     def __init__(
         self, plugin: ContextParallelPlugin | None = None, *, model_flops_per_token: float | None = None,
-        peak_flops_per_device: float | None = None, **plugin_fields: Any,
+        peak_flops_per_device: float | None = None, custom_compute_loss: bool = False, **plugin_fields: Any,
     ) -> None:
         if plugin is not None and plugin_fields:
             raise ValueError("Pass either `plugin` or plugin fields such as cp_size=..., not both.")
         self.plugin = plugin or ContextParallelPlugin(**plugin_fields)
         self.model_flops_per_token = model_flops_per_token
         self.peak_flops_per_device = peak_flops_per_device
+        self.custom_compute_loss = custom_compute_loss
         self._stack = contextlib.ExitStack()
+        self._want_logits = False
+        self._shards: dict[int, tuple[Any, dict[str, Any]]] = {}
         self.trainer: Trainer | None = None
 
     # ------------------------------------------------------------------------------------------- events
 
     def on_init_end(self, args, state, control, **kwargs):
         trainer = _find_trainer(self)
-        _check_trainer_api(trainer)
+        check_trainer_api(trainer, self.custom_compute_loss)
         self.plugin.prepare_model(trainer.model)
         self.plugin.attach(trainer.accelerator)
-        if self.plugin.pad_to_multiple and self.plugin.pad_token_id == 0:
-            pad = getattr(getattr(trainer, "processing_class", None), "pad_token_id", None)
-            self.plugin.pad_token_id = pad if pad is not None else 0
+        pad = getattr(getattr(trainer, "processing_class", None), "pad_token_id", None)
+        if pad is not None and self.plugin.pad_token_id == 0:
+            self.plugin.pad_token_id = pad
         self.trainer = trainer
         self._meter = ThroughputMeter(trainer.args.device)
-        # The loss we return is already normalised over the whole accumulated step (num_items_in_batch).
-        trainer.loss_is_scaled_for_ga = True
-        trainer.model_accepts_loss_kwargs = True
-        trainer.compute_loss = self._compute_loss
+        if type(trainer).compute_loss is Trainer.compute_loss:
+            # Our loss is already normalised over the whole accumulated step (num_items_in_batch).
+            trainer.loss_is_scaled_for_ga = True
+            trainer.model_accepts_loss_kwargs = True
+            trainer.compute_loss = self._compute_loss
+        trainer._prepare_context_parallel_inputs = self._prepare_context_parallel_inputs
+        trainer.get_batch_samples = self._batch_samples(trainer.get_batch_samples)
+        trainer.prediction_step = self._prediction_step(
+            trainer.prediction_step, shards_itself=type(trainer).prediction_step is Trainer.prediction_step)
+        trainer.evaluation_loop = self._evaluation_loop(trainer.evaluation_loop)
+        trainer.accelerator.gather_for_metrics = self._scalars_whole(trainer.accelerator)
         original_log = trainer.log
 
         def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -123,7 +194,9 @@ class RingCPCallback(TrainerCallback):
         return logs
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # Gradient checkpointing recomputes attention during backward, outside compute_loss: keep CP on.
+        if self.trainer is None:
+            raise RuntimeError(_AT_CONSTRUCTION)
+        # Gradient checkpointing recomputes attention during backward, outside the step's context: keep CP on.
         self._stack.enter_context(self.plugin.context())
         self._meter = ThroughputMeter(args.device)
         return control
@@ -132,30 +205,152 @@ class RingCPCallback(TrainerCallback):
         self._stack.close()
         return control
 
-    # ----------------------------------------------------------------------------------------------- loss
+    # --------------------------------------------------------------------------------------- the seams
+
+    def _shard(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`ContextParallelPlugin.shard`, once per batch object (counting and the step share it)."""
+        found = self._shards.get(id(inputs))
+        if found is not None and found[0] is inputs:
+            return found[1]
+        sharded = self.plugin.shard(inputs)
+        self._shards = {id(inputs): (inputs, sharded)}
+        return sharded
+
+    def _prepare_context_parallel_inputs(self, model: torch.nn.Module, inputs: dict[str, Any]):
+        sharded = self._shard(inputs)
+        if model.training:
+            info = sharded.get(SHARD_KEY)
+            self._meter.add(int(sharded["input_ids"].numel()) - (0 if info is None else info.local_padding()))
+        return self.plugin.context, dict(sharded)
+
+    def _batch_samples(self, original: Callable):
+        def get_batch_samples(*args: Any, **kwargs: Any):
+            samples, _ = original(*args, **kwargs)
+            if not samples:
+                return samples, None
+            # N by the loss's own rules, counted once per CP group (every CP rank holds the full batch).
+            return samples, self.plugin.count_items([self._shard_for_count(batch) for batch in samples])
+
+        return get_batch_samples
+
+    def _shard_for_count(self, batch: dict[str, Any]) -> dict[str, Any]:
+        sharded = self.plugin.shard(batch)
+        self._shards[id(batch)] = (batch, sharded)
+        return sharded
+
+    def _prediction_step(self, original: Callable, shards_itself: bool):
+        """``shards_itself``: the Trainer's own ``prediction_step`` shards through the seam (the plain Trainer)."""
+
+        def prediction_step(model, inputs, prediction_loss_only, ignore_keys=None):
+            self._want_logits = not prediction_loss_only
+            try:
+                if shards_itself:
+                    return original(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+                sharded = self._shard(inputs)
+                with self.plugin.context():
+                    loss, logits, _ = original(model, dict(sharded), prediction_loss_only, ignore_keys=ignore_keys)
+                return self._exact_eval(loss, logits, sharded, inputs)
+            finally:
+                self._want_logits = False
+
+        return prediction_step
+
+    def _exact_eval(self, loss, logits, sharded: dict[str, Any], inputs: dict[str, Any]):
+        """A per-shard mean loss -> the CP group's token mean; sharded logits -> unsharded; the full labels."""
+        plugin = self.plugin
+        if loss is not None and plugin.cp_size > 1:
+            n = float(local_targets(sharded))
+            stats = torch.tensor([loss.item() * n, n], dtype=torch.float64, device=plugin.comm_device)
+            dist.all_reduce(stats, group=plugin.cp_group)
+            loss = torch.tensor(stats[0].item() / max(stats[1].item(), 1.0), device=loss.device)
+        if logits is not None:
+            logits = unshard_predictions(logits, sharded.get(SHARD_KEY), plugin.cp_group, plugin.layout)
+        return loss, logits, inputs.get("labels")
+
+    @staticmethod
+    def _scalars_whole(accelerator: Any) -> Callable:
+        """``gather_for_metrics`` that gathers per-rank scalars whole (e.g. TRL's token counts and sums).
+
+        At the end of a dataloader Accelerate truncates what it gathers to the number of samples left; a vector of
+        per-rank scalars (one per CP shard) is not samples, and truncating it would drop shards' contributions.
+        """
+        original = accelerator.gather_for_metrics
+
+        def gather_for_metrics(input_data, use_gather_object=False):
+            if torch.is_tensor(input_data) and input_data.dim() == 0:
+                return accelerator.gather(input_data)
+            return original(input_data, use_gather_object=use_gather_object)
+
+        return gather_for_metrics
+
+    def _evaluation_loop(self, original: Callable):
+        def evaluation_loop(*args: Any, **kwargs: Any):
+            self.trainer.gather_function = self._gather
+            return original(*args, **kwargs)
+
+        return evaluation_loop
+
+    def _gather(self, tensors: Any) -> Any:
+        """``accelerator.gather_for_metrics`` keeping one copy per CP group (all its ranks hold the same data)."""
+        trainer, cp = self.trainer, self.plugin.cp_size
+        gathered = trainer.accelerator.gather(tensors)
+
+        def first_of_each_group(x):
+            if not torch.is_tensor(x) or cp == 1 or x.dim() == 0:
+                return x
+            blocks = x.reshape(dist.get_world_size(), -1, *x.shape[1:])[::cp]
+            return blocks.reshape(-1, *x.shape[1:])
+
+        data = _apply(first_of_each_group, gathered)
+        state = trainer.accelerator.gradient_state
+        if state.end_of_dataloader and state.remainder > 0:
+            data = _apply(lambda x: x[: state.remainder] if torch.is_tensor(x) and x.dim() else x, data)
+        return data
+
+    # ---------------------------------------------------------------------------- the plain Trainer's loss
 
     def _compute_loss(
         self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
+        """``inputs`` is the shard (the seam made it); the step's context is in force."""
         plugin = self.plugin
-        batch = plugin.shard(inputs)
-        with plugin.context():
-            if model.training:
-                n = self._global_items(num_items_in_batch, batch)
-                loss = plugin.loss(model, batch, num_items_in_batch=n)
-                self._meter.add(int(batch["input_ids"].numel()))
-            else:
-                # Eval: the loss of this data-parallel group's batch, equal on its CP ranks (no gradient).
-                loss = plugin.eval_loss(model, batch)
-        return (loss, {"loss": loss}) if return_outputs else loss
+        if model.training:
+            if num_items_in_batch is None:  # a Trainer path that counted nothing: count this micro-batch
+                num_items_in_batch = plugin.count_items([inputs]) * self.trainer.current_gradient_accumulation_steps
+            loss = plugin.loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            outputs = {"loss": loss}
+        elif return_outputs and self._want_logits:
+            loss, outputs = self._eval_with_logits(model, inputs)
+        else:
+            # Eval: the loss of this data-parallel group's batch, equal on its CP ranks (no gradient).
+            loss = plugin.eval_loss(model, inputs)
+            outputs = {"loss": loss}
+        return (loss, outputs) if return_outputs else loss
 
-    def _global_items(self, counted: torch.Tensor | int | None, batch: dict[str, Any]) -> torch.Tensor:
-        """``N`` for the step: targets over all data-parallel groups and accumulated micro-batches."""
-        if counted is None:  # the Trainer counted nothing (no `labels`): this micro-batch's mean over GA steps
-            return self.plugin.count_items([batch]) * self.trainer.current_gradient_accumulation_steps
-        n = torch.as_tensor(counted, dtype=torch.float64).reshape(()).to(self.plugin.comm_device)
-        if not self.trainer.args.average_tokens_across_devices or self.trainer.args.world_size == 1:
-            torch.distributed.all_reduce(n)  # per-rank counts -> sum over all ranks (each CP copy once)
-        # Either way every CP rank counted the same full batch: divide the copies out.
-        return n / self.plugin.cp_size
+    def _eval_with_logits(self, model, batch: dict[str, Any]):
+        """One forward: the group's token-mean loss and the logits ``[B, S, V]`` in the batch's order."""
+        plugin = self.plugin
+        labels = batch["shift_labels"]
+        logits = model(**{k: v for k, v in batch.items() if k != "shift_labels"}, use_cache=False).logits
+        flat = logits.float().reshape(-1, logits.shape[-1])
+        stats = torch.stack([
+            F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"),
+            (labels != IGNORE_INDEX).sum().to(flat.dtype),
+        ]).double()
+        if plugin.cp_size > 1:
+            dist.all_reduce(stats, group=plugin.cp_group)
+        loss = (stats[0] / stats[1].clamp(min=1)).float()
+        full = unshard_predictions(logits, batch.get(SHARD_KEY), plugin.cp_group, plugin.layout)
+        return loss, {"loss": loss, "logits": full}
+
+
+def _apply(fn, data):
+    if isinstance(data, (list, tuple)):
+        return type(data)(_apply(fn, x) for x in data)
+    if isinstance(data, dict):
+        return type(data)({k: _apply(fn, v) for k, v in data.items()})
+    return fn(data)
+
+
+__all__ = ["MIN_TRL", "TESTED_TRANSFORMERS", "RingCPCallback", "check_trainer_api"]

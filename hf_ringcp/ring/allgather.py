@@ -1,180 +1,152 @@
 """All-gather ring attention (Llama-3 style): gather K/V once, then attend locally in a few large calls.
 
 The all-gather runs asynchronously while the rank attends to its own K/V (which needs no communication);
-then each query chunk attends to the gathered chunks it may see, with neighbouring query chunks that see the
-same run of keys sharing one call. The backward gathers K/V again (keeping the gathered copy alive between
-forward and backward would cost ``P`` times the local K/V per layer) and reduce-scatters dK/dV to their owners.
+then the queries attend to the gathered tokens they may see. For stride-1 layouts (zigzag, contiguous) the
+gathered parts are copied into global order first, so that neighbouring key chunks make one call, and only the
+parts some call reads are copied; striped parts are attended in the rank-major order the gather returns. The
+backward gathers K/V again (keeping the gathered copy alive between forward and backward would cost ``P`` times
+the local K/V per layer) and reduce-scatters dK/dV to their owners.
 
-:func:`allgather_forward` / :func:`allgather_backward` are one rank's whole work given its rank, the world size
-and a :class:`GatherComm`; ``benchmarks/ring_sim.py`` passes a stand-in that hands over every rank's K/V.
+The communicator is a :class:`~hf_ringcp.ring.comm.GatherComm` on a real group; ``benchmarks/ring_sim.py``
+passes a :class:`~hf_ringcp.ring.comm.LoopbackGatherComm` that hands over every rank's K/V.
 """
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Callable
+from functools import cached_property
+
 import torch
 import torch.distributed as dist
 
-from hf_ringcp.ring.blocks import OutputAccumulator, RowAccumulator, backward_kernels, forward_calls, like
-from hf_ringcp.ring.group import group_rank_and_size
-from hf_ringcp.ring.kernels import Backend
-from hf_ringcp.ring.layout import num_chunks, rank_chunks
-from hf_ringcp.ring.plan import plan_block
-
-
-class GatherComm:
-    """The two collectives of the all-gather variant over ``group``."""
-
-    def __init__(self, group: dist.ProcessGroup | None, world: int) -> None:
-        self.group = group
-        self.world = world
-
-    def start_gather(self, kv: torch.Tensor) -> tuple[torch.Tensor, dist.Work]:
-        """Start gathering every rank's ``kv``; returns ``([P, *kv.shape] buffer, work)``; wait before reading."""
-        gathered = torch.empty((self.world, *kv.shape), dtype=kv.dtype, device=kv.device)
-        flat = gathered.view(self.world * kv.shape[0], *kv.shape[1:])
-        work = dist.all_gather_into_tensor(flat, kv, group=self.group, async_op=True)
-        return gathered, work
-
-    def reduce_scatter(self, out: torch.Tensor, per_rank: torch.Tensor) -> None:
-        """``out`` (like ``per_rank[0]``) <- the sum over ranks of their ``per_rank[this rank]``."""
-        dist.reduce_scatter_tensor(out, per_rank.view(-1, *per_rank.shape[2:]), group=self.group)
-
-
-def _chunk_moves(layout: str, world: int, chunk_len: int):
-    """``(rank, local rows, global rows)`` of every chunk: where each rank's local part sits in the sequence."""
-    for r in range(world):
-        for slot, c in enumerate(rank_chunks(layout, r, world)):
-            yield r, slice(slot * chunk_len, (slot + 1) * chunk_len), slice(c * chunk_len, (c + 1) * chunk_len)
-
-
-def _to_global_order(gathered: torch.Tensor, layout: str, world: int, chunk_len: int) -> torch.Tensor:
-    """``[P, 2, B, H, S_local, D]`` rank-major -> ``[2, B, H, S, D]`` in global order (one copy per chunk)."""
-    p, two, b, h, s_local, d = gathered.shape
-    full = torch.empty((two, b, h, p * s_local, d), dtype=gathered.dtype, device=gathered.device)
-    for r, local, rows in _chunk_moves(layout, world, chunk_len):
-        full[:, :, :, rows].copy_(gathered[r, :, :, :, local])
-    return full
+from hf_ringcp.ring.blocks import OutputAccumulator, RowAccumulator, RowWrites, backward_kernels, forward_calls, like
+from hf_ringcp.ring.comm import GatherComm
+from hf_ringcp.ring.plan import BlockCall
+from hf_ringcp.ring.variant import RankSetup, Variant
 
 
 class _RankMajorKVGrads:
-    """Float32 dK/dV of every chunk of the sequence, filed straight into the rank-major ``[P, 2, B, H, S_local, D]``
-    layout that the reduce-scatter takes (no full-sequence buffer, no reordering pass, no zero-fill of written
-    chunks): the first gradient for a chunk is copied, later ones added; :meth:`result` zero-fills the rest.
+    """Float32 dK/dV of every token, filed straight into the rank-major ``[P, 2, B, H, S_local, D]`` layout that the
+    reduce-scatter takes (no full-sequence buffer, no reordering pass, no zero-fill of written rows): the first
+    gradient for a row is copied, later ones added; :meth:`result` zero-fills the rest.
+
+    ``moves`` are ``(rank, local row, buffer row, length)``: where each buffer row of the gathered K/V came from.
     """
 
-    def __init__(self, kv: torch.Tensor, layout: str, world: int, chunk_len: int) -> None:
+    def __init__(self, kv: torch.Tensor, world: int, moves: tuple[tuple[int, int, int, int], ...]) -> None:
         self.buf = torch.empty((world, *kv.shape), dtype=torch.float32, device=kv.device)
-        # global chunk -> (owning rank, its rows there)
-        self.slot = {rows.start // chunk_len: (r, local) for r, local, rows in _chunk_moves(layout, world, chunk_len)}
-        self.chunk_len = chunk_len
-        self.touched: set[int] = set()
+        self.moves = sorted(moves, key=lambda m: m[2])
+        self.starts = [m[2] for m in self.moves]
+        self.writes = [RowWrites(kv.shape[-2]) for _ in range(world)]
 
-    def add(self, chunks: tuple[int, ...], dk: torch.Tensor, dv: torch.Tensor) -> None:
-        """``dk``/``dv`` ``[B, H, len(chunks) * chunk_len, D]`` cover the global ``chunks`` in order."""
-        for i, c in enumerate(chunks):
-            r, local = self.slot[c]
-            part = slice(i * self.chunk_len, (i + 1) * self.chunk_len)
+    def add_local(self, rank: int, rows: slice, dk: torch.Tensor, dv: torch.Tensor) -> None:
+        """``dk``/``dv`` ``[B, H, n, D]`` for rank ``rank``'s local rows ``rows``."""
+        for a, b, first in self.writes[rank].split(rows.start, rows.stop):
+            src = slice(a - rows.start, b - rows.start)
             for j, g in ((0, dk), (1, dv)):
-                dst = self.buf[r, j, :, :, local]
-                if c in self.touched:
-                    dst += g[:, :, part]
+                dst = self.buf[rank, j, :, :, a:b]
+                if first:
+                    dst.copy_(g[:, :, src])
                 else:
-                    dst.copy_(g[:, :, part])
-            self.touched.add(c)
+                    dst += g[:, :, src]
+
+    def add(self, rows: slice, dk: torch.Tensor, dv: torch.Tensor) -> None:
+        """``dk``/``dv`` for buffer rows ``rows`` of the gathered K/V."""
+        i = max(bisect.bisect_right(self.starts, rows.start) - 1, 0)
+        while i < len(self.moves) and self.moves[i][2] < rows.stop:
+            rank, local, buffer_row, n = self.moves[i]
+            a, b = max(rows.start, buffer_row), min(rows.stop, buffer_row + n)
+            if a < b:
+                part = slice(a - rows.start, b - rows.start)
+                shift = local - buffer_row
+                self.add_local(rank, slice(a + shift, b + shift), dk[:, :, part], dv[:, :, part])
+            i += 1
 
     def result(self) -> torch.Tensor:
-        for c, (r, local) in self.slot.items():
-            if c not in self.touched:
-                self.buf[r, :, :, :, local].zero_()
+        for rank, writes in enumerate(self.writes):
+            for a, b in writes.unwritten():
+                self.buf[rank, :, :, :, a:b].zero_()
         return self.buf
 
 
-def _plans(rank: int, world: int, layout: str, chunk_len: int, causal: bool):
-    mine = rank_chunks(layout, rank, world)
-    own = plan_block(mine, mine, chunk_len, causal)
-    everything = tuple(range(num_chunks(layout, world)))
-    rest = plan_block(mine, everything, chunk_len, causal, skip_kv=frozenset(mine))
-    return own, rest
+class AllGatherRing(Variant):
+    """All-gather variant over ``setup.world`` ranks; ``comm`` makes the :class:`GatherComm`."""
+
+    def __init__(self, setup: RankSetup, comm: Callable[[], GatherComm] | None) -> None:
+        super().__init__(setup)
+        self.comm = comm
+        # Global order needs stride-1 segments; striped parts stay rank-major.
+        self.global_order = all(seg.stride == 1 for seg in setup.own)
+
+    @cached_property
+    def own_calls(self) -> tuple[BlockCall, ...]:
+        return self.setup.plan(self.setup.own)
+
+    @cached_property
+    def rest_calls(self) -> tuple[BlockCall, ...]:
+        s = self.setup
+        return s.plan(s.placement.gathered(exclude=s.rank, global_order=self.global_order))
+
+    @cached_property
+    def moves(self) -> tuple[tuple[int, int, int, int], ...]:
+        """The gathered parts the other ranks' calls read: ``(rank, local row, buffer row, length)``."""
+        read = sorted((c.kv_start, c.kv_end) for c in self.rest_calls)
+        starts = [a for a, _ in read]
+
+        def is_read(buffer_row: int, n: int) -> bool:
+            i = bisect.bisect_left(starts, buffer_row + n)
+            return any(b > buffer_row for _, b in read[:i])
+
+        return tuple(m for m in self.setup.placement.moves(self.global_order)
+                     if m[0] != self.setup.rank and is_read(m[2], m[3]))
+
+    def _buffer(self, gathered: torch.Tensor) -> torch.Tensor:
+        """``[P, 2, B, H, S_local, D]`` rank-major -> ``[2, B, H, rows, D]`` as the plan reads it."""
+        p, two, b, h, s_local, d = gathered.shape
+        if not self.global_order:
+            return gathered.permute(1, 2, 3, 0, 4, 5).reshape(two, b, h, p * s_local, d)
+        full = torch.empty((two, b, h, p * s_local, d), dtype=gathered.dtype, device=gathered.device)
+        for r, local, row, n in self.moves:
+            full[:, :, :, row : row + n].copy_(gathered[r, :, :, :, local : local + n])
+        return full
+
+    def attend(self, q, k, v):
+        s = self.setup
+        kv = torch.stack([k, v])
+        if s.world > 1:
+            gathered, work = self.comm().start_gather(kv)
+        acc = OutputAccumulator(q)
+        forward_calls(self.own_calls, q, k, v, acc, s.kernels, s.scale)
+        if s.world > 1:
+            work.wait()
+            full = self._buffer(gathered)
+            forward_calls(self.rest_calls, q, full[0], full[1], acc, s.kernels, s.scale)
+        return acc.result(q.dtype)
+
+    def attend_backward(self, dout, q, k, v, out, lse):
+        s = self.setup
+        dout, out = like(dout, q), like(out, q)
+        kv = torch.stack([k, v])
+        if s.world > 1:
+            comm = self.comm()
+            gathered, work = comm.start_gather(kv)
+        dq = RowAccumulator(torch.empty_like(q, dtype=torch.float32))
+        dkv = _RankMajorKVGrads(kv, s.world, self.moves)  # this rank's share of every token's dK/dV
+        for c, bdk, bdv in backward_kernels(self.own_calls, dout, q, k, v, out, lse, dq, s.kernels, s.scale):
+            dkv.add_local(s.rank, c.kv, bdk, bdv)
+        if s.world > 1:
+            work.wait()
+            full = self._buffer(gathered)
+            for c, bdk, bdv in backward_kernels(self.rest_calls, dout, q, full[0], full[1], out, lse, dq, s.kernels,
+                                                s.scale):
+                dkv.add(c.kv, bdk, bdv)
+            mine = torch.empty(kv.shape, dtype=torch.float32, device=kv.device)
+            comm.reduce_scatter(mine, dkv.result())
+        else:
+            mine = dkv.result()[0]
+        return dq.result().to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
 
 
-def allgather_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank: int, world: int, comm: GatherComm | None,
-    causal: bool, scale: float, layout: str, backend: Backend,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One rank's forward (``comm`` is ``None`` when ``world == 1``)."""
-    chunk_len = q.shape[2] // len(rank_chunks(layout, rank, world))
-    own, rest = _plans(rank, world, layout, chunk_len, causal)
-    kv = torch.stack([k, v])
-    if world > 1:
-        gathered, work = comm.start_gather(kv)
-    acc = OutputAccumulator(q, chunk_len)
-    forward_calls(own, q, k, v, acc, backend, scale)
-    if world > 1:
-        work.wait()
-        full = _to_global_order(gathered, layout, world, chunk_len)
-        forward_calls(rest, q, full[0], full[1], acc, backend, scale)
-    return acc.result(q.dtype)
-
-
-def allgather_backward(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    rank: int, world: int, comm: GatherComm | None, causal: bool, scale: float, layout: str, backend: Backend,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One rank's backward (``comm`` is ``None`` when ``world == 1``)."""
-    chunk_len = q.shape[2] // len(rank_chunks(layout, rank, world))
-    own, rest = _plans(rank, world, layout, chunk_len, causal)
-    dout, out = like(dout, q), like(out, q)
-    kv = torch.stack([k, v])
-    if world > 1:
-        gathered, work = comm.start_gather(kv)
-    dq = RowAccumulator(torch.empty_like(q, dtype=torch.float32), chunk_len)
-    dkv = _RankMajorKVGrads(kv, layout, world, chunk_len)  # this rank's share of every chunk's dK/dV
-    for c, bdk, bdv in backward_kernels(own, dout, q, k, v, out, lse, dq, backend, scale):
-        dkv.add(c.kv_chunks, bdk, bdv)
-    if world > 1:
-        work.wait()
-        full = _to_global_order(gathered, layout, world, chunk_len)
-        for c, bdk, bdv in backward_kernels(rest, dout, q, full[0], full[1], out, lse, dq, backend, scale):
-            dkv.add(c.kv_chunks, bdk, bdv)
-        mine = torch.empty(kv.shape, dtype=torch.float32, device=kv.device)
-        comm.reduce_scatter(mine, dkv.result())
-    else:
-        mine = dkv.result()[0]
-    return dq.result().to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
-
-
-def ring_allgather_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None, causal: bool,
-    scale: float, layout: str, backend: Backend,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return this rank's ``(out [B, Hq, S_local, D] in q.dtype, lse [B, Hq, S_local] float32)``."""
-    rank, world = group_rank_and_size(group)
-    comm = GatherComm(group, world) if world > 1 else None
-    return allgather_forward(q, k, v, rank, world, comm, causal, scale, layout, backend)
-
-
-def ring_allgather_backward(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    group: dist.ProcessGroup | None, causal: bool, scale: float, layout: str, backend: Backend,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return ``(dq, dk, dv)`` for this rank's ``q``, ``k``, ``v``, in their dtypes."""
-    rank, world = group_rank_and_size(group)
-    comm = GatherComm(group, world) if world > 1 else None
-    return allgather_backward(dout, q, k, v, out, lse, rank, world, comm, causal, scale, layout, backend)
-
-
-class RingAllGatherAttention(torch.autograd.Function):
-    """Autograd wrapper: saves the local inputs, the output and the LSE; the backward gathers K/V again."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale, layout, backend):
-        out, lse = ring_allgather_forward(q, k, v, group, causal, scale, layout, backend)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, causal, scale, layout, backend)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_allgather_backward(dout, q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+def build(setup: RankSetup, group: dist.ProcessGroup | None) -> AllGatherRing:
+    return AllGatherRing(setup, lambda: GatherComm(group))

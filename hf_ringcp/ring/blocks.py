@@ -1,6 +1,6 @@
 """Running a rank's planned kernel calls against one K/V buffer, forward and backward.
 
-Both ring variants (pass-KV and all-gather) differ only in how K/V reach a rank; the per-block work is here.
+Every variant (pass-KV, all-gather, Ulysses) differs only in how K/V reach a rank; the per-block work is here.
 
 Layout: the float32 accumulators are allocated with the strides of ``q`` (``empty_like``), and the backward
 brings ``dout`` to them once (:func:`like`), so that a row slice of ``q``, ``out`` and ``dout`` always has the
@@ -10,9 +10,13 @@ laid out like ``q``; cuDNN's cached backward graph requires it).
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 import torch
 
-from hf_ringcp.ring.kernels import Backend, block_backward, block_forward
+from hf_ringcp.ring.kernels import BACKENDS, Backend, additive_mask, block_backward, block_forward, select_backend
 from hf_ringcp.ring.merge import merge_into
 from hf_ringcp.ring.plan import BlockCall
 
@@ -25,112 +29,168 @@ def like(x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None) -
     return torch.empty_like(ref, dtype=dtype).copy_(x)
 
 
-class _ChunkWrites:
-    """Which chunks of a row-chunked buffer have been written, so a first write can copy instead of combine.
+@dataclass(frozen=True)
+class Kernels:
+    """The block kernels of one attention call: ``plain`` for unmasked and causal blocks, ``masked`` for the
+    masked edge blocks of a sliding window (``None`` when the plan has none), ``single`` for blocks of one query
+    or one key where ``plain`` cannot take them (cuDNN refuses ``s_q = s_kv = 1``, and later calls can then fault:
+    measured with torch 2.11 / cuDNN 9.19)."""
 
-    Copying the first block into a chunk saves zero-filling the buffer and one read per first write.
+    plain: Backend
+    masked: Backend | None = None
+    single: Backend | None = None
+
+    @staticmethod
+    def choose(name: str, q: torch.Tensor, k: torch.Tensor, needs_masks: bool) -> Kernels:
+        plain = select_backend(name, q, k)
+        single = None
+        if plain.name == "cudnn":
+            single = next(BACKENDS[n] for n in ("flash", "efficient", "math") if BACKENDS[n].supports(q, k) is None)
+        masked = None
+        if needs_masks:
+            masked = plain if plain.masks else select_backend(name, q, k, masked=True)
+        return Kernels(plain, masked, single)
+
+    def for_call(self, c: BlockCall, q: torch.Tensor) -> tuple[Backend, torch.Tensor | None]:
+        if c.kind != "band":
+            one = c.q_end - c.q_start == 1 or c.kv_end - c.kv_start == 1
+            return (self.single if one and self.single is not None else self.plain), None
+        if self.masked is None:
+            raise AssertionError("a masked block was planned but no masking kernel was chosen")
+        visible = c.band_mask(q.device)
+        if not bool(visible.any(-1).all()):
+            raise AssertionError(f"the plan left query rows of {c} without a visible key")
+        return self.masked, additive_mask(visible, q.dtype)
+
+
+class RowWrites:
+    """Which rows ``[0, n)`` of a buffer have been written: sorted disjoint intervals.
+
+    Lets an accumulator copy the first block written to a row instead of combining it (no zero-filled buffer,
+    one read less per first write), for any row ranges, aligned or not.
     """
 
-    def __init__(self, num_rows: int, chunk_len: int) -> None:
-        self.chunk_len = chunk_len
-        self.touched = [False] * (num_rows // chunk_len)
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._starts: list[int] = []
+        self._stops: list[int] = []
 
-    def segments(self, rows: slice) -> list[tuple[slice, slice, bool]]:
-        """Mark ``rows`` written; return ``(buffer rows, rows of the written block, first write?)`` pieces.
+    def split(self, start: int, stop: int) -> list[tuple[int, int, bool]]:
+        """Mark ``[start, stop)`` written; return its pieces ``(a, b, first write?)`` in order."""
+        if not 0 <= start < stop <= self.n:
+            raise AssertionError(f"rows [{start}, {stop}) outside [0, {self.n})")
+        i = bisect.bisect_right(self._stops, start)
+        pieces, cursor = [], start
+        j = i
+        while j < len(self._starts) and self._starts[j] < stop:
+            a, b = self._starts[j], self._stops[j]
+            if a > cursor:
+                pieces.append((cursor, a, True))
+            pieces.append((max(a, cursor), min(b, stop), False))
+            cursor = min(b, stop)
+            j += 1
+        if cursor < stop:
+            pieces.append((cursor, stop, True))
+        # Merge [start, stop) with the intervals it touches (including ones that just end or begin at it).
+        lo = bisect.bisect_left(self._stops, start)
+        hi = bisect.bisect_right(self._starts, stop)
+        new_start = min([start, *self._starts[lo:hi]])
+        new_stop = max([stop, *self._stops[lo:hi]])
+        self._starts[lo:hi] = [new_start]
+        self._stops[lo:hi] = [new_stop]
+        return pieces
 
-        One piece when every chunk of ``rows`` is in the same state, else one per chunk.
-        """
-        c = self.chunk_len
-        first, last = rows.start // c, rows.stop // c
-        seen = self.touched[first:last]
-        self.touched[first:last] = [True] * (last - first)
-        if all(seen) or not any(seen):
-            return [(rows, slice(0, rows.stop - rows.start), not any(seen))]
-        return [
-            (slice(a * c, (a + 1) * c), slice((a - first) * c, (a - first + 1) * c), not seen[a - first])
-            for a in range(first, last)
-        ]
-
-    def untouched(self) -> list[slice]:
-        c = self.chunk_len
-        return [slice(a * c, (a + 1) * c) for a, seen in enumerate(self.touched) if not seen]
+    def unwritten(self) -> list[tuple[int, int]]:
+        gaps, cursor = [], 0
+        for a, b in zip(self._starts, self._stops):
+            if a > cursor:
+                gaps.append((cursor, a))
+            cursor = b
+        if cursor < self.n:
+            gaps.append((cursor, self.n))
+        return gaps
 
 
 class OutputAccumulator:
     """A rank's running attention output and LSE in float32, merged block by block.
 
-    The first block to reach a query chunk is copied, later ones merged, so no zero-initialised pass is paid.
+    The first block to reach a query row is copied, later ones merged, so no zero-initialised pass is paid.
     """
 
-    def __init__(self, q: torch.Tensor, chunk_len: int) -> None:
+    def __init__(self, q: torch.Tensor) -> None:
         self.out = torch.empty_like(q, dtype=torch.float32)
         self.lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        self.writes = _ChunkWrites(q.shape[2], chunk_len)
+        self.writes = RowWrites(q.shape[2])
 
     def add(self, rows: slice, out: torch.Tensor, lse: torch.Tensor) -> None:
-        for dst, src, first in self.writes.segments(rows):
+        for a, b, first in self.writes.split(rows.start, rows.stop):
+            src = slice(a - rows.start, b - rows.start)
             if first:
-                self.out[:, :, dst].copy_(out[:, :, src])
-                self.lse[:, :, dst].copy_(lse[:, :, src])
+                self.out[:, :, a:b].copy_(out[:, :, src])
+                self.lse[:, :, a:b].copy_(lse[:, :, src])
             else:
-                merge_into(self.out[:, :, dst], self.lse[:, :, dst], out[:, :, src], lse[:, :, src])
+                merge_into(self.out[:, :, a:b], self.lse[:, :, a:b], out[:, :, src], lse[:, :, src])
 
     def result(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.writes.untouched():
-            raise AssertionError("some query rows attended to no key; the block plan is incomplete")
+        missing = self.writes.unwritten()
+        if missing:
+            raise AssertionError(f"query rows {missing} attended to no key; the block plan is incomplete")
         return self.out.to(dtype), self.lse
 
 
-def forward_calls(
-    calls: list[BlockCall], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc: OutputAccumulator,
-    backend: Backend, scale: float,
-) -> None:
-    """Attend ``q``'s planned rows to the planned rows of the buffer ``k``/``v`` and merge into ``acc``."""
-    for c in calls:
-        out, lse = block_forward(backend, q[:, :, c.q], k[:, :, c.kv], v[:, :, c.kv], c.causal, scale)
-        acc.add(c.q, out, lse)
-
-
 class RowAccumulator:
-    """A float32 buffer filled by row ranges (dim -2) in chunks: the first write to a chunk copies, later ones add.
+    """A float32 buffer filled by row ranges (dim -2): the first write to a row copies, later ones add.
 
     Replaces a zero-filled buffer plus ``+=`` (one pass over the buffer less, and one read less per first write);
-    :meth:`result` zero-fills the chunks nothing wrote.
+    :meth:`result` zero-fills the rows nothing wrote.
     """
 
-    def __init__(self, buf: torch.Tensor, chunk_len: int) -> None:
+    def __init__(self, buf: torch.Tensor) -> None:
         self.buf = buf
-        self.writes = _ChunkWrites(buf.shape[-2], chunk_len)
+        self.writes = RowWrites(buf.shape[-2])
 
     def add(self, rows: slice, x: torch.Tensor) -> None:
-        for dst, src, first in self.writes.segments(rows):
+        for a, b, first in self.writes.split(rows.start, rows.stop):
+            src = x[..., a - rows.start : b - rows.start, :]
             if first:
-                self.buf[..., dst, :].copy_(x[..., src, :])
+                self.buf[..., a:b, :].copy_(src)
             else:
-                self.buf[..., dst, :] += x[..., src, :]
+                self.buf[..., a:b, :] += src
 
     def result(self) -> torch.Tensor:
-        for rows in self.writes.untouched():
-            self.buf[..., rows, :].zero_()
+        for a, b in self.writes.unwritten():
+            self.buf[..., a:b, :].zero_()
         return self.buf
 
 
+def forward_calls(
+    calls: Iterable[BlockCall], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc: OutputAccumulator,
+    kernels: Kernels, scale: float,
+) -> None:
+    """Attend ``q``'s planned rows to the planned rows of the buffer ``k``/``v`` and merge into ``acc``."""
+    for c in calls:
+        backend, bias = kernels.for_call(c, q)
+        out, lse = block_forward(backend, q[:, :, c.q], k[:, :, c.kv], v[:, :, c.kv], c.causal, scale, bias)
+        acc.add(c.q, out, lse)
+
+
 def backward_kernels(
-    calls: list[BlockCall], dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, dq: torch.Tensor | RowAccumulator, backend: Backend, scale: float,
+    calls: Iterable[BlockCall], dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, dq: RowAccumulator, kernels: Kernels, scale: float,
 ) -> list[tuple[BlockCall, torch.Tensor, torch.Tensor]]:
     """Run the planned blocks' backward kernels, add into ``dq``; return each call's ``dk``, ``dv`` (``Hkv`` heads).
 
     The K/V gradients are returned rather than added so that a ring can wait for the incoming dK/dV accumulator
-    between the kernels and the additions (:func:`add_kv_grads`), or file them by chunk.
+    between the kernels and the additions (:func:`add_kv_grads`), or file them by segment.
     """
     grads = []
     for c in calls:
+        backend, bias = kernels.for_call(c, q)
         bdq, bdk, bdv = block_backward(
             backend, dout[:, :, c.q], q[:, :, c.q], k[:, :, c.kv], v[:, :, c.kv], out[:, :, c.q], lse[:, :, c.q],
-            c.causal, scale,
+            c.causal, scale, bias,
         )
-        _add_rows(dq, c.q, bdq)
+        dq.add(c.q, bdq)
         grads.append((c, bdk, bdv))
     return grads
 
@@ -141,21 +201,8 @@ def add_kv_grads(
 ) -> None:
     """Add the blocks' ``dk``/``dv`` into float32 buffer accumulators (tensors or :class:`RowAccumulator`)."""
     for c, bdk, bdv in grads:
-        _add_rows(dk, c.kv, bdk)
-        _add_rows(dv, c.kv, bdv)
-
-
-def _add_rows(acc: torch.Tensor | RowAccumulator, rows: slice, x: torch.Tensor) -> None:
-    if isinstance(acc, RowAccumulator):
-        acc.add(rows, x)
-    else:
-        acc[:, :, rows] += x
-
-
-def backward_calls(
-    calls: list[BlockCall], dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
-    backend: Backend, scale: float,
-) -> None:
-    """Add the planned blocks' gradients into the float32 accumulators ``dq`` (local) and ``dk``/``dv`` (buffer)."""
-    add_kv_grads(backward_kernels(calls, dout, q, k, v, out, lse, dq, backend, scale), dk, dv)
+        for acc, x in ((dk, bdk), (dv, bdv)):
+            if isinstance(acc, RowAccumulator):
+                acc.add(c.kv, x)
+            else:
+                acc[:, :, c.kv] += x

@@ -31,3 +31,18 @@ def global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
     if group is None:
         return group_rank
     return dist.get_global_rank(group, group_rank)
+
+
+# torch 2.13 renamed the tensor collectives (the old names warn); torch 2.11 has only the old ones.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def all_gather_single(output: torch.Tensor, input: torch.Tensor, group=None, async_op: bool = False):
+    """``output`` (``P`` times ``input`` along dim 0) <- every rank's ``input``, in rank order."""
+    return _ALL_GATHER(output, input, group=group, async_op=async_op)
+
+
+def reduce_scatter_single(output: torch.Tensor, input: torch.Tensor, group=None, async_op: bool = False):
+    """``output`` <- the sum over ranks of their ``input`` slice ``[rank]`` (``input`` is ``P`` outputs long)."""
+    return _REDUCE_SCATTER(output, input, group=group, async_op=async_op)

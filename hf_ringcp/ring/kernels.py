@@ -2,13 +2,16 @@
 
 Every backend computes, for one block of queries against one block of keys/values::
 
-    forward(q, k, v, causal, scale)                  -> (out, lse)
-    backward(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)
+    forward(q, k, v, causal, scale, bias)                  -> (out, lse)
+    backward(dout, q, k, v, out, lse, causal, scale, bias) -> (dq, dk, dv)
 
 Shapes: ``q`` ``[B, Hq, Sq, D]``; ``k``, ``v`` ``[B, Hkv, Sk, D]`` with ``Hq % Hkv == 0`` (not repeated);
 ``out`` like ``q`` in the input dtype; ``lse`` ``[B, Hq, Sq]`` float32, natural log. ``causal`` is only used on
 square blocks (``Sq == Sk``) and then means the usual lower-triangular mask; the ring never asks a kernel
-for a rectangular causal block, so the kernels' differing alignments of that case never matter.
+for a rectangular causal block, so the kernels' differing alignments of that case never matter. ``bias`` is
+``None`` or an additive ``[Sq, Sk]`` mask (0 where visible, ``-inf`` where not) for the masked edge blocks of a
+sliding window (:class:`~hf_ringcp.ring.plan.BlockCall` ``kind="band"``); only backends with ``masks=True`` get
+one, and the planner never leaves a query row of a masked block without a visible key.
 
 The backward takes ``out`` and ``lse`` of the *whole* attention (all blocks merged), not of this block:
 with those, the flash-style backward of each block yields exactly its share of the global gradient.
@@ -28,7 +31,7 @@ import torch
 
 aten = torch.ops.aten
 
-ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
+ForwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 BackwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
@@ -37,7 +40,7 @@ class Backend:
     """One block kernel: its forward, backward and the check of whether it can run on given inputs.
 
     ``native_gqa``: the op takes K/V with fewer heads than Q and returns dK/dV with those heads. Verified on an
-    H100 (torch 2.11, cuDNN 9.19) for cudnn and flash by ``benchmarks/check_cuda_kernels.py``; the efficient
+    H100/H200 (torch 2.11, cuDNN 9.19) for cudnn and flash by ``tests/gpu/test_cuda_kernels.py``; the efficient
     kernel refuses such K/V, so :func:`block_forward`/:func:`block_backward` repeat them for it.
     """
 
@@ -46,6 +49,8 @@ class Backend:
     backward: BackwardFn
     supports: Callable[[torch.Tensor, torch.Tensor], str | None]
     native_gqa: bool
+    #: Whether the op takes an additive mask (needed for the masked edge blocks of a sliding window).
+    masks: bool = False
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -62,14 +67,14 @@ def _sum_kv_grad(dx: torch.Tensor, groups: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- CPU flash
 
 
-def _cpu_flash_forward(q, k, v, causal, scale):
-    out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+def _cpu_flash_forward(q, k, v, causal, scale, bias=None):
+    out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
     return out, lse
 
 
-def _cpu_flash_backward(dout, q, k, v, out, lse, causal, scale):
+def _cpu_flash_backward(dout, q, k, v, out, lse, causal, scale, bias=None):
     return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout, q, k, v, out, lse, 0.0, causal, scale=scale
+        dout, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale
     )
 
 
@@ -104,7 +109,7 @@ def _cudnn_supports(q, k):
     return reason
 
 
-def _cudnn_forward(q, k, v, causal, scale):
+def _cudnn_forward(q, k, v, causal, scale, bias=None):
     res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
     lse = res[1]
     return res[0], lse.squeeze(-1) if lse.dim() == 4 else lse
@@ -117,7 +122,7 @@ def _cudnn_lse_is_4d() -> bool:
     return aten._scaled_dot_product_cudnn_attention(x, x, x, None, True)[1].dim() == 4
 
 
-def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
+def _cudnn_backward(dout, q, k, v, out, lse, causal, scale, bias=None):
     # torch caches the cuDNN backward graph by the shapes and strides of q, k, v only, but bakes the strides of
     # out, dout and the LSE into it: they must be a function of q's. Pass them with q's exact strides (the ring
     # keeps them so; otherwise all three are made contiguous) and the LSE contiguous.
@@ -132,12 +137,12 @@ def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
     )
 
 
-def _flash_forward(q, k, v, causal, scale):
+def _flash_forward(q, k, v, causal, scale, bias=None):
     res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
     return res[0], res[1]
 
 
-def _flash_backward(dout, q, k, v, out, lse, causal, scale):
+def _flash_backward(dout, q, k, v, out, lse, causal, scale, bias=None):
     # cum_seq_q/k must be undefined (None): a defined tensor selects the varlen kernel.
     empty = torch.empty(0, device=q.device)
     return aten._scaled_dot_product_flash_attention_backward(
@@ -154,18 +159,31 @@ def _efficient_supports(q, k):
     return None
 
 
-def _efficient_forward(q, k, v, causal, scale):
-    out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
+def _efficient_bias(bias, q, k):
+    """The additive mask as the kernel takes it: ``[B, H, Sq, Sk]`` in q's dtype, rows 16-element aligned."""
+    if bias is None:
+        return None
+    sk = bias.shape[-1]
+    padded = torch.zeros(bias.shape[0], -(-sk // 16) * 16, dtype=q.dtype, device=q.device)
+    padded[:, :sk] = bias
+    return padded[:, :sk].expand(q.shape[0], q.shape[1], -1, -1)
+
+
+def _efficient_forward(q, k, v, causal, scale, bias=None):
+    out, lse, _, _ = aten._scaled_dot_product_efficient_attention(
+        q, k, v, _efficient_bias(bias, q, k), True, 0.0, causal, scale=scale
+    )
     # The kernel pads the LSE's sequence dimension to a multiple of 32.
     return out, lse[..., : q.shape[2]]
 
 
-def _efficient_backward(dout, q, k, v, out, lse, causal, scale):
+def _efficient_backward(dout, q, k, v, out, lse, causal, scale, bias=None):
     pad = (-lse.shape[-1]) % 32
     lse = torch.nn.functional.pad(lse, (0, pad)) if pad else lse.contiguous()
     empty = torch.empty(0, device=q.device, dtype=torch.int64)
     dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-        dout, q, k, v, None, out, lse, empty, empty, 0.0, [True, True, True, False], causal, scale=scale
+        dout, q, k, v, _efficient_bias(bias, q, k), out, lse, empty, empty, 0.0, [True, True, True, False], causal,
+        scale=scale,
     )
     return dq, dk, dv
 
@@ -173,7 +191,7 @@ def _efficient_backward(dout, q, k, v, out, lse, causal, scale):
 # ------------------------------------------------------------------------------------------- math (any)
 
 
-def _math_scores(q, k, causal, scale):
+def _math_scores(q, k, causal, scale, bias):
     """Scores grouped by KV head: ``[B, Hkv, G, Sq, Sk]`` in at least float32."""
     b, hq, sq, d = q.shape
     hkv = k.shape[1]
@@ -183,11 +201,13 @@ def _math_scores(q, k, causal, scale):
     if causal:
         mask = torch.ones(sq, k.shape[2], dtype=torch.bool, device=q.device).triu(1)
         s = s.masked_fill(mask, float("-inf"))
+    if bias is not None:
+        s = s + bias.to(acc)
     return s
 
 
-def _math_forward(q, k, v, causal, scale):
-    s = _math_scores(q, k, causal, scale)
+def _math_forward(q, k, v, causal, scale, bias=None):
+    s = _math_scores(q, k, causal, scale, bias)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.unsqueeze(-1))
     out = torch.einsum("bhgqk,bhkd->bhgqd", p, v.to(p.dtype))
@@ -195,10 +215,10 @@ def _math_forward(q, k, v, causal, scale):
     return out.reshape(b, hq, sq, d).to(q.dtype), lse.reshape(b, hq, sq).float()
 
 
-def _math_backward(dout, q, k, v, out, lse, causal, scale):
+def _math_backward(dout, q, k, v, out, lse, causal, scale, bias=None):
     b, hq, sq, d = q.shape
     hkv = k.shape[1]
-    s = _math_scores(q, k, causal, scale)
+    s = _math_scores(q, k, causal, scale, bias)
     acc = s.dtype
     p = torch.exp(s - lse.to(acc).reshape(b, hkv, hq // hkv, sq, 1))
     do = dout.to(acc).reshape(b, hkv, hq // hkv, sq, d)
@@ -220,9 +240,11 @@ BACKENDS: dict[str, Backend] = {
     for b in (
         Backend("cudnn", _cudnn_forward, _cudnn_backward, _cudnn_supports, native_gqa=True),
         Backend("flash", _flash_forward, _flash_backward, _cuda_half_supports(256), native_gqa=True),
-        Backend("efficient", _efficient_forward, _efficient_backward, _efficient_supports, native_gqa=False),
-        Backend("cpu_flash", _cpu_flash_forward, _cpu_flash_backward, _cpu_flash_supports, native_gqa=True),
-        Backend("math", _math_forward, _math_backward, _math_supports, native_gqa=True),
+        Backend("efficient", _efficient_forward, _efficient_backward, _efficient_supports, native_gqa=False,
+                masks=True),
+        Backend("cpu_flash", _cpu_flash_forward, _cpu_flash_backward, _cpu_flash_supports, native_gqa=True,
+                masks=True),
+        Backend("math", _math_forward, _math_backward, _math_supports, native_gqa=True, masks=True),
     )
 }
 BACKEND_NAMES = ("auto", *BACKENDS)
@@ -231,22 +253,37 @@ BACKEND_NAMES = ("auto", *BACKENDS)
 _AUTO_ORDER = ("cudnn", "flash", "efficient", "cpu_flash", "math")
 
 
-def select_backend(name: str, q: torch.Tensor, k: torch.Tensor) -> Backend:
+def select_backend(name: str, q: torch.Tensor, k: torch.Tensor, masked: bool = False) -> Backend:
     """Return the backend ``name`` (or the fastest that can run, for ``"auto"``) for these inputs.
+
+    ``masked``: the backend must take an explicit mask (the edge blocks of a sliding window); for ``"auto"`` the
+    fastest backend that can.
 
     Raises ``ValueError`` for an unknown name or an explicit backend that cannot run on the inputs.
     """
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"`backend` must be one of {BACKEND_NAMES}, but got {name!r}.")
+    check_backend_name(name)
     if name == "auto":
         for candidate in _AUTO_ORDER:
-            if BACKENDS[candidate].supports(q, k) is None:
-                return BACKENDS[candidate]
+            backend = BACKENDS[candidate]
+            if backend.supports(q, k) is None and (backend.masks or not masked):
+                return backend
         raise AssertionError("the math backend supports every input")
     reason = BACKENDS[name].supports(q, k)
+    if reason is None and masked and not BACKENDS[name].masks:
+        usable = [n for n in _AUTO_ORDER if BACKENDS[n].masks and BACKENDS[n].supports(q, k) is None]
+        reason = f"it takes no explicit mask, which the edge blocks of a sliding window need (these can: {usable})"
     if reason is not None:
         raise ValueError(f"backend={name!r} cannot run on these inputs: {reason}. Use backend='auto'.")
     return BACKENDS[name]
+
+
+def check_backend_name(name: str) -> None:
+    """Raise ``ValueError`` naming the valid backends unless ``name`` is one of them."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(
+            f"`backend` must be one of {BACKEND_NAMES}, but got {name!r}; use backend='auto' to pick the fastest "
+            "kernel that can run."
+        )
 
 
 def default_scale(head_dim: int) -> float:
@@ -254,21 +291,29 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
-def block_forward(backend: Backend, q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of one block; handles GQA for kernels that need repeated K/V."""
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[Sq, Sk]`` bool (True: visible) -> the additive mask the kernels take (0 / ``-inf``)."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+
+
+def block_forward(
+    backend: Backend, q, k, v, causal: bool, scale: float, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one block; handles GQA for kernels that need repeated K/V. ``bias``: see the module doc."""
     groups = q.shape[1] // k.shape[1]
     if not backend.native_gqa:
         k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
-    out, lse = backend.forward(q, k, v, causal, scale)
+    out, lse = backend.forward(q, k, v, causal, scale, bias)
     return out, lse.float()
 
 
-def block_backward(backend: Backend, dout, q, k, v, out, lse, causal: bool, scale: float):
+def block_backward(backend: Backend, dout, q, k, v, out, lse, causal: bool, scale: float,
+                   bias: torch.Tensor | None = None):
     """Gradient of one block given the merged ``out`` and ``lse``; ``dk``/``dv`` have ``Hkv`` heads."""
     groups = q.shape[1] // k.shape[1]
     if not backend.native_gqa:
         k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
-    dq, dk, dv = backend.backward(dout, q, k, v, out, lse, causal, scale)
+    dq, dk, dv = backend.backward(dout, q, k, v, out, lse, causal, scale, bias)
     if not backend.native_gqa:
         dk, dv = _sum_kv_grad(dk, groups), _sum_kv_grad(dv, groups)
     return dq, dk, dv

@@ -1,80 +1,308 @@
-"""Which tokens of a sequence each context-parallel rank holds.
+"""Which tokens of a sequence each context-parallel rank holds: the layouts and their placements.
 
-A *layout* cuts the global sequence into equal chunks and assigns them to ranks:
+A :class:`Layout` (``Layout.for_name("zigzag", world)``) is the one owner of the rules of a split: the length
+divisor, which global tokens each rank holds (:meth:`Layout.placement`), and, through the placement, the block
+plan of a rank against any K/V buffer (:meth:`Placement.plan`). The layouts:
 
-- ``"contiguous"``: ``P`` chunks; rank ``r`` holds chunk ``r``.
-- ``"zigzag"``: ``2P`` chunks; rank ``r`` holds chunks ``r`` and ``2P - 1 - r`` (head and tail), so that
-  under a causal mask every rank does the same amount of work.
+- ``"zigzag"`` (default): every document is cut into ``2P`` equal chunks and rank ``r`` holds chunks ``r`` and
+  ``2P - 1 - r`` of each (head and tail), so that under a causal mask every rank does the same work. A plain
+  sequence is one document; packed documents are balanced one by one (each document's length must then be a
+  multiple of ``2P``: :mod:`hf_ringcp.integrations.batch` pads them).
+- ``"zigzag_global"``: the zigzag over the whole sequence, ignoring document boundaries (length divisible by
+  ``2P``); the same as ``"zigzag"`` for one document.
+- ``"contiguous"``: rank ``r`` holds the ``r``-th of ``P`` equal slices.
+- ``"striped"``: token ``i`` lives on rank ``i mod P`` (length divisible by ``P``).
 
-A rank's local tensor is the concatenation of its chunks in increasing global order. Everything here is
-pure index arithmetic plus the two collectives that move whole sequences (:func:`unshard_sequence`).
+A rank's local tensor is the concatenation of its segments in increasing global order. Everything here is pure
+index arithmetic, plus the two functions that move whole sequences (:func:`shard_sequence`,
+:func:`unshard_sequence`).
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar
+
 import torch
 import torch.distributed as dist
 
-from hf_ringcp.ring.group import group_rank_and_size
-
-LAYOUTS = ("zigzag", "contiguous")
-
-
-def check_layout(layout: str) -> None:
-    """Raise ``ValueError`` unless ``layout`` is a known layout name."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"`layout` must be one of {LAYOUTS}, but got {layout!r}.")
+from hf_ringcp.ring.group import all_gather_single, group_rank_and_size
+from hf_ringcp.ring.plan import BlockCall, MaskSpec, Segment, plan_calls
 
 
-def num_chunks(layout: str, world_size: int) -> int:
-    """Number of equal chunks the global sequence is cut into (the sequence-length divisor)."""
-    check_layout(layout)
-    return 2 * world_size if layout == "zigzag" else world_size
+def check_documents(cu_seqlens: Sequence[int] | torch.Tensor | None, seq_len: int) -> tuple[int, ...] | None:
+    """Validate document boundaries over a sequence of ``seq_len`` tokens (flash-attention ``cu_seqlens``).
 
-
-def rank_chunks(layout: str, rank: int, world_size: int) -> tuple[int, ...]:
-    """Global chunk indices held by ``rank``, in local (increasing) order."""
-    check_layout(layout)
-    if layout == "zigzag":
-        return (rank, 2 * world_size - 1 - rank)
-    return (rank,)
-
-
-def check_divisible(seq_len: int, layout: str, world_size: int, what: str = "sequence length") -> int:
-    """Return the chunk length, or raise ``ValueError`` naming the fix when it is not whole."""
-    n = num_chunks(layout, world_size)
-    if seq_len % n != 0:
-        hint = (
-            f"2 * cp_size = {n}" if layout == "zigzag" else f"cp_size = {n}"
-        )
+    ``cu_seqlens`` is ``[0, l_0, l_0 + l_1, ..., seq_len]``: strictly increasing, from 0 to ``seq_len``. Returns it
+    as a tuple (``None`` for ``None`` or a single document), or raises ``ValueError`` saying what is wrong.
+    """
+    if cu_seqlens is None:
+        return None
+    values = tuple(int(x) for x in (cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens))
+    if len(values) < 2 or values[0] != 0 or values[-1] != seq_len or any(b <= a for a, b in itertools.pairwise(values)):
+        shown = list(values) if len(values) <= 12 else [*values[:6], "...", *values[-2:]]
         raise ValueError(
-            f"The {what} ({seq_len}) must be divisible by {hint} for layout={layout!r}. Pad the sequence to "
-            f"a multiple of {n} (with labels set to -100 on the padding) or choose a length that is."
+            f"`cu_seqlens` must rise strictly from 0 to the global sequence length ({seq_len}), one entry per "
+            f"document boundary (flash-attention convention), but got {shown}."
         )
-    return seq_len // n
+    return None if len(values) == 2 else values
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which global tokens each rank holds for one sequence (of ``seq_len`` tokens), as local segments.
+
+    ``ranks[r]`` are rank ``r``'s segments in local order (``Segment.row`` is the local row of a segment's first
+    token); every rank holds ``local_len`` tokens. Built by :meth:`Layout.placement`.
+    """
+
+    layout: str
+    seq_len: int
+    world: int
+    ranks: tuple[tuple[Segment, ...], ...]
+    documents: tuple[int, ...] | None = None
+
+    @property
+    def local_len(self) -> int:
+        return self.seq_len // self.world
+
+    def segments(self, rank: int) -> tuple[Segment, ...]:
+        return self.ranks[rank]
+
+    def positions(self, rank: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Global token indices held by ``rank``, in local order: ``[local_len]`` int64."""
+        return torch.cat([s.indices(device) for s in self.ranks[rank]])
+
+    @cached_property
+    def rank_major(self) -> torch.Tensor:
+        """Permutation ``perm``: ``x_rank_major = x_global.index_select(dim, perm)`` (what an all-gather returns)."""
+        return torch.cat([self.positions(r) for r in range(self.world)])
+
+    @cached_property
+    def inverse_rank_major(self) -> torch.Tensor:
+        return torch.argsort(self.rank_major)
+
+    def gathered(self, exclude: int | None = None, global_order: bool = True) -> tuple[Segment, ...]:
+        """Segments of a buffer holding every rank's tokens (for the all-gather variant).
+
+        ``global_order``: the buffer rows are the global indices (a reordered copy of the gathered parts); only
+        possible for stride-1 placements. Otherwise the buffer is rank-major, as the all-gather returns it. The
+        segments of rank ``exclude`` are left out (their rows are not attended through this buffer).
+        """
+        out = []
+        for r in range(self.world):
+            if r == exclude:
+                continue
+            for s in self.ranks[r]:
+                row = s.start if global_order else r * self.local_len + s.row
+                out.append(Segment(s.start, s.length, s.stride, row))
+        if global_order:
+            if any(s.stride != 1 for s in out):
+                raise AssertionError("a global-order buffer needs stride-1 segments")
+            out.sort(key=lambda s: s.start)
+        return tuple(out)
+
+    def moves(self, global_order: bool = True) -> tuple[tuple[int, int, int, int], ...]:
+        """``(rank, local row, buffer row, length)`` of every segment in the buffer of :meth:`gathered`."""
+        return tuple(
+            (r, s.row, s.start if global_order else r * self.local_len + s.row, s.length)
+            for r in range(self.world)
+            for s in self.ranks[r]
+        )
+
+    def plan(self, q: tuple[Segment, ...], kv: tuple[Segment, ...], mask: MaskSpec) -> tuple[BlockCall, ...]:
+        """Kernel calls for queries held as ``q`` against a K/V buffer held as ``kv`` (see :mod:`.plan`)."""
+        return plan_calls(q, kv, mask)
+
+
+def _merge_adjacent(segments: list[Segment]) -> tuple[Segment, ...]:
+    """Join segments that continue each other both in the sequence and in local rows."""
+    out: list[Segment] = []
+    for s in segments:
+        if out and out[-1].stride == s.stride == 1 and out[-1].stop == s.start and out[-1].stop_row == s.row:
+            last = out.pop()
+            s = Segment(last.start, last.length + s.length, 1, last.row)
+        out.append(s)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a sequence is split over ``world`` ranks. Build with :meth:`for_name`; see the module docstring."""
+
+    world: int
+    name: ClassVar[str] = ""
+    #: True when the placement follows document boundaries (then every document must split evenly).
+    per_document: ClassVar[bool] = False
+    _registry: ClassVar[dict[str, type[Layout]]] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        Layout._registry[cls.name] = cls
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.world, int) or self.world < 1:
+            raise ValueError(f"The world size must be a positive integer, but got {self.world!r}.")
+
+    @staticmethod
+    def names() -> tuple[str, ...]:
+        """The registered layout names, the default first."""
+        return tuple(sorted(Layout._registry, key=lambda n: (n != "zigzag", n != "zigzag_global", n)))
+
+    @staticmethod
+    def for_name(name: str, world: int) -> Layout:
+        """The layout called ``name`` over ``world`` ranks; ``ValueError`` naming the valid names otherwise."""
+        if name not in Layout._registry:
+            raise ValueError(
+                f"`layout` must be one of {Layout.names()}, but got {name!r}; use layout='zigzag' (the default, "
+                "causal load balance) unless you need another split."
+            )
+        return Layout._registry[name](world)
+
+    # ------------------------------------------------------------------------------------------- divisor
+
+    @property
+    def divisor(self) -> int:
+        """Sequence (or, per document, document) lengths must be multiples of this."""
+        return self.world
+
+    #: How the divisor follows from the number of ranks, for messages.
+    divisor_rule: ClassVar[str] = "cp_size"
+
+    def divisor_hint(self) -> str:
+        return f"{self.divisor_rule} = {self.divisor}"
+
+    def padded_length(self, length: int) -> int:
+        """The smallest multiple of :attr:`divisor` that holds ``length`` tokens."""
+        return -(-length // self.divisor) * self.divisor
+
+    def check_length(self, seq_len: int, what: str = "sequence length") -> None:
+        """Raise ``ValueError`` naming the fix unless ``seq_len`` splits evenly."""
+        if seq_len % self.divisor != 0:
+            raise ValueError(
+                f"The {what} ({seq_len}) must be divisible by {self.divisor_hint()} for layout={self.name!r}. Pad the "
+                f"sequence to a multiple of {self.divisor} (hf_ringcp.shard_batch pads for you, with labels -100 on "
+                "the padding) or choose a length that is."
+            )
+
+    def check_local_length(self, local_len: int) -> None:
+        """The same rule for one rank's share: ``local_len`` must be a multiple of ``divisor / world``."""
+        per_rank = self.divisor // self.world
+        if local_len % per_rank != 0:
+            raise ValueError(
+                f"The local sequence length ({local_len}) must be divisible by {per_rank} for layout={self.name!r} "
+                f"(the global length by {self.divisor_hint()}); pad the sequence or use layout='contiguous'."
+            )
+
+    # ----------------------------------------------------------------------------------------- placement
+
+    def placement(self, seq_len: int, documents: Sequence[int] | torch.Tensor | None = None) -> Placement:
+        """Which tokens every rank holds for a sequence of ``seq_len`` tokens (``documents``: ``cu_seqlens``)."""
+        docs = check_documents(documents, seq_len)
+        return _placement(type(self), self.world, seq_len, docs)
+
+    def _segments(self, rank: int, seq_len: int, docs: tuple[int, ...] | None) -> list[Segment]:
+        raise NotImplementedError
+
+
+_PLACEMENTS: dict[tuple, Placement] = {}
+
+
+def _placement(cls: type[Layout], world: int, seq_len: int, docs: tuple[int, ...] | None) -> Placement:
+    # Placements (and their plans) are reused by every layer and step of a run: keep a few.
+    key = (cls.name, world, seq_len, docs)
+    found = _PLACEMENTS.get(key)
+    if found is None:
+        layout = cls(world)
+        if layout.per_document and docs is not None:
+            for a, b in itertools.pairwise(docs):
+                layout.check_length(b - a, what=f"length of the document at tokens [{a}, {b})")
+        layout.check_length(seq_len)
+        ranks = tuple(_merge_adjacent(layout._segments(r, seq_len, docs)) for r in range(world))
+        found = Placement(cls.name, seq_len, world, ranks, docs)
+        if len(_PLACEMENTS) >= 64:
+            _PLACEMENTS.pop(next(iter(_PLACEMENTS)))
+        _PLACEMENTS[key] = found
+    return found
+
+
+class Contiguous(Layout):
+    name = "contiguous"
+
+    def _segments(self, rank, seq_len, docs):
+        n = seq_len // self.world
+        return [Segment(rank * n, n, 1, 0)]
+
+
+def _head_tail(rank: int, world: int, start: int, length: int, row: int) -> list[Segment]:
+    c = length // (2 * world)
+    return [Segment(start + rank * c, c, 1, row), Segment(start + (2 * world - 1 - rank) * c, c, 1, row + c)]
+
+
+class ZigzagGlobal(Layout):
+    name = "zigzag_global"
+
+    divisor_rule = "2 * cp_size"
+
+    @property
+    def divisor(self) -> int:
+        return 2 * self.world
+
+    def _segments(self, rank, seq_len, docs):
+        return _head_tail(rank, self.world, 0, seq_len, 0)
+
+
+class Zigzag(ZigzagGlobal):
+    name = "zigzag"
+    per_document = True
+
+    def _segments(self, rank, seq_len, docs):
+        bounds = docs or (0, seq_len)
+        out, row = [], 0
+        for a, b in itertools.pairwise(bounds):
+            out += _head_tail(rank, self.world, a, b - a, row)
+            row += (b - a) // self.world
+        return out
+
+
+class Striped(Layout):
+    name = "striped"
+
+    def _segments(self, rank, seq_len, docs):
+        return [Segment(rank, seq_len // self.world, self.world, 0)]
+
+
+LAYOUTS = Layout.names()
+
+
+# ------------------------------------------------------------------------------------ public functions
 
 
 def local_positions(
-    seq_len: int, layout: str, rank: int, world_size: int, device: torch.device | str | None = None
+    seq_len: int, layout: str, rank: int, world_size: int, device: torch.device | str | None = None,
+    cu_seqlens: Sequence[int] | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Global token positions held by ``rank`` (shape ``[seq_len / P]``), e.g. for RoPE position ids."""
-    chunk = check_divisible(seq_len, layout, world_size)
-    return torch.cat(
-        [torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in rank_chunks(layout, rank, world_size)]
-    )
+    """Global token indices held by ``rank`` (shape ``[seq_len / P]``), e.g. for RoPE position ids.
 
-
-def rank_major_order(seq_len: int, layout: str, world_size: int, device=None) -> torch.Tensor:
-    """Permutation ``perm`` with ``x_rank_major = x_global.index_select(dim, perm)``.
-
-    ``x_rank_major`` is the concatenation of every rank's local part, rank 0 first: what an all-gather of the
-    local parts returns.
+    With packed documents (``cu_seqlens``) these are indices into the packed row; the RoPE position of a token is
+    its index within its document.
     """
-    return torch.cat([local_positions(seq_len, layout, r, world_size, device) for r in range(world_size)])
+    return Layout.for_name(layout, world_size).placement(seq_len, cu_seqlens).positions(rank, device)
+
+
+def rank_major_order(
+    seq_len: int, layout: str, world_size: int, device=None, cu_seqlens: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Permutation ``perm`` with ``x_rank_major = x_global.index_select(dim, perm)`` (an all-gather's order)."""
+    return Layout.for_name(layout, world_size).placement(seq_len, cu_seqlens).rank_major.to(device)
 
 
 def shard_sequence(
-    x: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None, layout: str = "zigzag"
+    x: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None, layout: str = "zigzag",
+    cu_seqlens: Sequence[int] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return this rank's part of the full tensor ``x`` along ``dim`` (no communication).
 
@@ -83,17 +311,21 @@ def shard_sequence(
         dim: the sequence dimension.
         group: the context-parallel process group (``None``: the default group; a world of 1 when no
             process group is initialised).
-        layout: ``"zigzag"`` (``S`` divisible by ``2P``) or ``"contiguous"`` (``S`` divisible by ``P``).
+        layout: a name from :data:`LAYOUTS` (``"zigzag"``: ``S`` divisible by ``2P``, or each document when
+            ``cu_seqlens`` is given; ``"contiguous"``/``"striped"``: ``S`` divisible by ``P``).
+        cu_seqlens: document boundaries ``[0, ..., S]`` of a packed sequence (flash-attention convention).
 
     Returns:
-        A tensor with ``S / P`` entries along ``dim``. A view when the layout gives one contiguous range,
+        A tensor with ``S / P`` entries along ``dim``. A view when the rank holds one contiguous range,
         otherwise a new tensor; differentiable either way.
     """
     rank, world = group_rank_and_size(group)
     dim = dim % x.dim()
-    chunk = check_divisible(x.shape[dim], layout, world)
-    parts = [x.narrow(dim, c * chunk, chunk) for c in rank_chunks(layout, rank, world)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+    placement = Layout.for_name(layout, world).placement(x.shape[dim], cu_seqlens)
+    segments = placement.segments(rank)
+    if len(segments) == 1 and segments[0].stride == 1:
+        return x.narrow(dim, segments[0].start, segments[0].length)
+    return x.index_select(dim, placement.positions(rank, x.device))
 
 
 class _AllGatherSeq(torch.autograd.Function):
@@ -105,32 +337,34 @@ class _AllGatherSeq(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_local: torch.Tensor, dim: int, group, layout: str) -> torch.Tensor:
+    def forward(ctx, x_local: torch.Tensor, dim: int, group, layout: str, docs) -> torch.Tensor:
         _, world = group_rank_and_size(group)
-        ctx.dim, ctx.group, ctx.layout = dim, group, layout
+        ctx.dim, ctx.group, ctx.layout, ctx.docs = dim, group, layout, docs
         moved = x_local.movedim(dim, 0).contiguous()
         gathered = torch.empty((world * moved.shape[0], *moved.shape[1:]), dtype=moved.dtype, device=moved.device)
-        dist.all_gather_into_tensor(gathered, moved, group=group)
-        seq_len = gathered.shape[0]
-        inverse = torch.argsort(rank_major_order(seq_len, layout, world, device=gathered.device))
-        return gathered.index_select(0, inverse).movedim(0, dim)
+        all_gather_single(gathered, moved, group=group)
+        placement = Layout.for_name(layout, world).placement(gathered.shape[0], docs)
+        return gathered.index_select(0, placement.inverse_rank_major.to(gathered.device)).movedim(0, dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return shard_sequence(grad, ctx.dim, ctx.group, ctx.layout), None, None, None
+        return shard_sequence(grad, ctx.dim, ctx.group, ctx.layout, ctx.docs), None, None, None, None
 
 
 def unshard_sequence(
-    x_local: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None, layout: str = "zigzag"
+    x_local: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None, layout: str = "zigzag",
+    cu_seqlens: Sequence[int] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse of :func:`shard_sequence`: all-gather every rank's part and restore global order.
 
     Every rank returns the full tensor. Differentiable: the gradient of the result flows back to this rank's
     slice (see :class:`_AllGatherSeq`).
     """
-    check_layout(layout)
     dim = dim % x_local.dim()
     _, world = group_rank_and_size(group)
+    Layout.for_name(layout, world)  # validates the name
     if world == 1:
         return x_local
-    return _AllGatherSeq.apply(x_local, dim, group, layout)
+    docs = None if cu_seqlens is None else tuple(int(v) for v in (
+        cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens))
+    return _AllGatherSeq.apply(x_local, dim, group, layout, docs)

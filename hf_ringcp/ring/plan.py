@@ -1,35 +1,106 @@
-"""Which kernel calls one rank makes for one block of keys/values.
+"""Which kernel calls one rank makes for its queries against one K/V buffer.
 
-The sequence is cut into equal chunks (see :mod:`hf_ringcp.ring.layout`). A rank's queries are some chunks;
-a buffer of keys/values holds some chunks. Under a causal mask query chunk ``i`` sees key chunk ``j`` fully
-when ``j < i``, through the lower triangle when ``j == i`` and not at all when ``j > i``. The planner turns
-that chunk-level picture into as few rectangular kernel calls as it can: whole causal squares where the two
-chunk lists are the same, and unmasked rectangles merged over neighbouring query chunks that see the same run
-of key chunks. Hidden blocks produce no call.
+Both sides are described by *segments* (:class:`Segment`): runs of tokens whose global indices are
+``start, start + stride, ...`` and which sit in consecutive local rows. What a query may see is a
+:class:`MaskSpec` over global indices: causal or not, the documents of a packed sequence (a query sees keys of
+its own document only) and a sliding window (keys less than ``window`` tokens back).
 
-A later per-block mask (packed documents) attaches to :class:`BlockCall`, which names the chunks it covers.
+For every query segment, key segment and document they share, the visible pairs form a *band*: with ``i`` the
+query row and ``j`` the key row inside the block, ``lo <= i - j < hi``. The planner trims the block to the
+rows and columns that see anything and classifies it:
+
+- hidden: no call;
+- ``"full"``: every pair visible, an unmasked call;
+- causal only (no window edge inside the block): an unmasked rectangle plus a ``"causal"`` square (the usual
+  lower triangle, aligned at the top left), plus an unmasked rectangle below it when the block is taller;
+- otherwise ``"band"``: a call with an explicit mask (the edge blocks of a sliding window).
+
+Neighbouring pieces are then merged into as few calls as possible: a causal square, the rectangle below it and
+the next causal square become one causal square when nothing above the diagonal is visible, and unmasked
+rectangles that share their rows or columns join. The result is exact for any order of the segments (a
+rank-major gathered buffer included) and is cached: every layer of a model asks for the same plans.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 from dataclasses import dataclass
+
+import torch
+
+INF = 1 << 62
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -((-a) // b)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``length`` tokens at global indices ``start + stride * t`` held in local rows ``row + t``."""
+
+    start: int
+    length: int
+    stride: int = 1
+    row: int = 0
+
+    @property
+    def stop(self) -> int:
+        """One past the last global index for ``stride == 1`` (``start + stride * length`` in general)."""
+        return self.start + self.stride * self.length
+
+    @property
+    def stop_row(self) -> int:
+        return self.row + self.length
+
+    def indices(self, device: torch.device | str | None = None) -> torch.Tensor:
+        return torch.arange(self.start, self.stop, self.stride, device=device)
+
+    def offsets_in(self, a: int, b: int) -> tuple[int, int]:
+        """The offsets ``t`` whose global index lies in ``[a, b)``, as ``[t0, t1)``."""
+        t0 = max(0, _ceil_div(a - self.start, self.stride))
+        t1 = min(self.length, _ceil_div(b - self.start, self.stride))
+        return t0, max(t0, t1)
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Which keys a query may see, over global token indices.
+
+    Attributes:
+        causal: keys at indices ``<=`` the query's.
+        documents: ``cu_seqlens`` of a packed sequence (``[0, l_0, l_0 + l_1, ..., S]``); a query sees keys of its
+            own document only. ``None``: one document.
+        window: sliding window: keys fewer than ``window`` tokens back (``q - k < window``); ``None``: no window.
+    """
+
+    causal: bool = True
+    documents: tuple[int, ...] | None = None
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+            raise ValueError(f"`window` must be a positive int (tokens) or None, but got {self.window!r}.")
+        if self.window is not None and not self.causal:
+            raise ValueError("A sliding `window` needs causal attention (causal=True).")
 
 
 @dataclass(frozen=True)
 class BlockCall:
     """One kernel call: local query rows ``[q_start, q_end)`` against buffer rows ``[kv_start, kv_end)``.
 
-    ``causal`` means a square block on the diagonal of the global sequence (lower-triangular mask).
-    ``q_chunks`` / ``kv_chunks`` are the global chunk indices it covers.
+    ``kind``: ``"full"`` (no mask), ``"causal"`` (square, lower triangle aligned at the top left) or ``"band"``
+    (a mask: query row ``i`` sees key row ``j`` of the block iff ``lo <= i - j < hi``).
     """
 
     q_start: int
     q_end: int
     kv_start: int
     kv_end: int
-    causal: bool
-    q_chunks: tuple[int, ...]
-    kv_chunks: tuple[int, ...]
+    kind: str = "full"
+    lo: int = -INF
+    hi: int = INF
 
     @property
     def q(self) -> slice:
@@ -39,53 +110,130 @@ class BlockCall:
     def kv(self) -> slice:
         return slice(self.kv_start, self.kv_end)
 
+    @property
+    def causal(self) -> bool:
+        return self.kind == "causal"
 
-def plan_block(
-    q_chunks: tuple[int, ...],
-    kv_chunks: tuple[int, ...],
-    chunk_len: int,
-    causal: bool,
-    skip_kv: frozenset[int] = frozenset(),
-) -> list[BlockCall]:
-    """Kernel calls for the local queries (global ``q_chunks``, in local order) against a K/V buffer.
+    def band_mask(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[Sq, Sk]`` bool, True where the query may see the key (for ``kind == "band"``)."""
+        i = torch.arange(self.q_end - self.q_start, device=device)[:, None]
+        j = torch.arange(self.kv_end - self.kv_start, device=device)[None, :]
+        return (i - j >= self.lo) & (i - j < self.hi)
 
-    ``kv_chunks`` are the global chunk indices held by the buffer, in buffer order; chunks in ``skip_kv`` are
-    in the buffer but must not be attended to here (they were handled separately).
+
+def _band_pieces(nq: int, nk: int, lo: int, hi: int) -> list[tuple[str, int, int, int, int, int, int]]:
+    """Classify the block ``lo <= i - j < hi`` (rows ``[0, nq)``, cols ``[0, nk)``) into kernel pieces."""
+    r0, r1 = max(0, lo), min(nq, nk - 1 + hi)
+    c0, c1 = max(0, 1 - hi), min(nk, nq - lo)
+    if hi <= lo or r0 >= r1 or c0 >= c1:
+        return []
+    nq, nk = r1 - r0, c1 - c0
+    lo, hi = lo - (r0 - c0), hi - (r0 - c0)
+    if -(nk - 1) >= lo and nq - 1 < hi:
+        return [("full", r0, r1, c0, c1, -INF, INF)]
+    if hi < nq:  # a window edge runs through the block: mask it
+        return [("band", r0, r1, c0, c1, lo, hi)]
+    d = -lo  # row i sees cols j <= i + d (d >= 0 after trimming); cols [0, d) are seen by every row
+    m = nk - d
+    pieces = [("causal", r0, r0 + m, c0 + d, c1, -INF, INF)]
+    if d:
+        pieces.append(("full", r0, r1, c0, c0 + d, -INF, INF))
+    if m < nq:
+        pieces.append(("full", r0 + m, r1, c0 + d, c1, -INF, INF))
+    return pieces
+
+
+def _overlapping_documents(bounds: tuple[int, ...], first: int, last: int) -> range:
+    """Indices of the documents ``[bounds[d], bounds[d + 1])`` that meet global indices ``[first, last]``."""
+    lo = bisect.bisect_right(bounds, first) - 1
+    hi = bisect.bisect_right(bounds, last)
+    return range(max(lo, 0), min(hi, len(bounds) - 1))
+
+
+def _raw_pieces(q: tuple[Segment, ...], kv: tuple[Segment, ...], mask: MaskSpec) -> list[list]:
+    """Pieces ``[kind, q0, q1, k0, k1, lo, hi, last query, first key]``, per segment pair and shared document.
+
+    The last two entries are the global indices of the piece's last query and first key (for the causal merge).
     """
-    if causal and q_chunks == kv_chunks and not skip_kv:
-        n = len(q_chunks) * chunk_len
-        return [BlockCall(0, n, 0, n, True, q_chunks, kv_chunks)]
-
-    # Per query chunk: runs of consecutive buffer chunks it sees fully, and its diagonal chunk if any.
-    runs: dict[tuple[int, int], list[int]] = {}
-    diagonal: list[BlockCall] = []
-    for a, i in enumerate(q_chunks):
-        start = None
-        for b, j in enumerate((*kv_chunks, None)):
-            full = j is not None and j not in skip_kv and (not causal or j < i)
-            if full and start is None:
-                start = b
-            elif not full and start is not None:
-                runs.setdefault((start, b), []).append(a)
-                start = None
-            if causal and j == i and j not in skip_kv:
-                diagonal.append(
-                    BlockCall(a * chunk_len, (a + 1) * chunk_len, b * chunk_len, (b + 1) * chunk_len, True, (i,), (j,))
-                )
-
-    calls = []
-    for (b0, b1), rows in runs.items():
-        group = [rows[0]]
-        for a in rows[1:] + [None]:
-            if a is not None and a == group[-1] + 1:
-                group.append(a)
+    bounds = mask.documents or (0, INF)
+    kv_by_doc: dict[int, list[Segment]] = {}
+    for ks in kv:
+        for d in _overlapping_documents(bounds, ks.start, ks.stop - ks.stride):
+            kv_by_doc.setdefault(d, []).append(ks)
+    pieces = []
+    for qs in q:
+        for d in _overlapping_documents(bounds, qs.start, qs.stop - qs.stride):
+            qa, qb = qs.offsets_in(bounds[d], bounds[d + 1])
+            if qa == qb:
                 continue
-            calls.append(
-                BlockCall(
-                    group[0] * chunk_len, (group[-1] + 1) * chunk_len, b0 * chunk_len, b1 * chunk_len, False,
-                    tuple(q_chunks[g] for g in group), kv_chunks[b0:b1],
-                )
-            )
-            if a is not None:
-                group = [a]
-    return diagonal + calls
+            for ks in kv_by_doc.get(d, ()):
+                if qs.stride != ks.stride:
+                    raise AssertionError(f"query and key segments must share a stride ({qs.stride} vs {ks.stride})")
+                sigma = qs.stride
+                ka, kb = ks.offsets_in(bounds[d], bounds[d + 1])
+                if ka == kb:
+                    continue
+                q0, k0 = qs.start + sigma * qa, ks.start + sigma * ka  # global indices at i = j = 0
+                lo = _ceil_div(k0 - q0, sigma) if mask.causal else -INF
+                hi = _ceil_div(mask.window - (q0 - k0), sigma) if mask.window is not None else INF
+                for kind, r0, r1, c0, c1, blo, bhi in _band_pieces(qb - qa, kb - ka, lo, hi):
+                    pieces.append([kind, qs.row + qa + r0, qs.row + qa + r1, ks.row + ka + c0, ks.row + ka + c1,
+                                   blo, bhi, q0 + sigma * (r1 - 1), k0 + sigma * c0])
+    return pieces
+
+
+def _merge_causal(pieces: list[list]) -> list[list]:
+    """``causal(A) + full(B x A) + causal(B)`` -> ``causal(A + B)`` when every key of B comes after every query of A.
+
+    Then no query of A sees a key of B (the mask is causal), so the merged lower triangle is exact.
+    """
+    causal = {(p[1], p[3]): p for p in pieces if p[0] == "causal"}
+    full = {(p[1], p[2], p[3], p[4]): p for p in pieces if p[0] == "full"}
+    gone: set[int] = set()
+    for a in sorted(causal.values(), key=lambda p: p[1]):
+        if id(a) in gone:
+            continue
+        while True:
+            b = causal.get((a[2], a[4]))
+            below = full.get((a[2], b[2], a[3], a[4])) if b is not None and id(b) not in gone else None
+            if below is None or id(below) in gone or a[7] >= b[8]:
+                break
+            gone.update((id(b), id(below)))
+            a[2], a[4], a[7] = b[2], b[4], b[7]
+    return [p for p in pieces if id(p) not in gone]
+
+
+def _merge_full(pieces: list[list]) -> list[list]:
+    """Join unmasked rectangles that share their columns (adjacent rows) or their rows (adjacent columns)."""
+    changed = True
+    while changed:
+        changed = False
+        for rows_first in (True, False):
+            full = sorted((p for p in pieces if p[0] == "full"),
+                          key=(lambda p: (p[3], p[4], p[1])) if rows_first else (lambda p: (p[1], p[2], p[3])))
+            out: list[list] = []
+            for p in full:
+                last = out[-1] if out else None
+                if last is not None and rows_first and (last[3], last[4]) == (p[3], p[4]) and last[2] == p[1]:
+                    last[2] = p[2]
+                    changed = True
+                elif last is not None and not rows_first and (last[1], last[2]) == (p[1], p[2]) and last[4] == p[3]:
+                    last[4] = p[4]
+                    changed = True
+                else:
+                    out.append(list(p))
+            pieces = [p for p in pieces if p[0] != "full"] + out
+    return pieces
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_calls(q: tuple[Segment, ...], kv: tuple[Segment, ...], mask: MaskSpec) -> tuple[BlockCall, ...]:
+    """Kernel calls covering every visible (query, key) pair exactly once (hidden pairs get no call).
+
+    ``q``: the queries' segments (their ``row`` is the local row); ``kv``: the buffer's segments (``row`` is the
+    buffer row). Causal squares come first, then unmasked and masked rectangles, each in row order.
+    """
+    pieces = _merge_full(_merge_causal(_raw_pieces(q, kv, mask)))
+    order = {"causal": 0, "full": 1, "band": 2}
+    pieces.sort(key=lambda p: (order[p[0]], p[1], p[3]))
+    return tuple(BlockCall(p[1], p[2], p[3], p[4], p[0], p[5], p[6]) for p in pieces)

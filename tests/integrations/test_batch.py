@@ -1,12 +1,25 @@
-"""hf_ringcp.shard_batch in one process (a CP world of 1); the multi-rank split is checked in test_hf_attention."""
+"""hf_ringcp.shard_batch: plain, packed and padded batches; labels, documents, padding and counting.
+
+One process for the rules; 2 and 3 gloo ranks for the split itself (labels shifted before sharding, every token
+on exactly one rank, the global target count).
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BatchEncoding
+from transformers import BatchEncoding, DataCollatorWithFlattening
 
 import hf_ringcp
+from hf_ringcp.integrations.batch import (
+    SHARD_KEY,
+    count_targets,
+    pad_batch_to_multiple,
+    shift_labels_of,
+    unshard_predictions,
+)
+from hf_ringcp.ring import Layout, unshard_sequence
+from tests.distributed import run_ranks
 
 B, S = 2, 8
 
@@ -20,7 +33,8 @@ def test_labels_are_shifted_before_sharding_and_positions_are_global() -> None:
     labels = ids.clone()
     labels[0, 2] = -100
     out = hf_ringcp.shard_batch(BatchEncoding({"input_ids": ids, "labels": labels, "attention_mask": torch.ones(B, S)}))
-    assert set(out) == {"input_ids", "position_ids", "shift_labels"}  # all-ones mask dropped, labels replaced
+    assert set(out) == {"input_ids", "position_ids", "shift_labels", "attention_mask"}  # labels replaced
+    assert out["attention_mask"].dtype == torch.bool and out["attention_mask"].all()  # every token is real
     assert torch.equal(out["input_ids"], ids)
     assert torch.equal(out["position_ids"], torch.arange(S).expand(B, S))
     assert torch.equal(out["shift_labels"][:, :-1], labels[:, 1:])
@@ -30,7 +44,7 @@ def test_labels_are_shifted_before_sharding_and_positions_are_global() -> None:
 def test_given_shift_labels_win_and_per_token_tensors_are_sharded() -> None:
     ids = _ids()
     shifted = torch.full((B, S), 7)
-    extra = torch.randn(B, S, 3)
+    extra = torch.randn(B, S, 3, generator=torch.Generator().manual_seed(0))
     out = hf_ringcp.shard_batch(
         {"input_ids": ids, "labels": ids, "shift_labels": shifted, "token_type_ids": extra, "num_items_in_batch": 5,
          "position_ids": torch.arange(S)}
@@ -43,20 +57,158 @@ def test_given_shift_labels_win_and_per_token_tensors_are_sharded() -> None:
     ("batch", "message"),
     [
         ({"input_ids": torch.zeros(B, 7, dtype=torch.long)}, r"length \(7\) must be divisible by 2 \* cp_size = 2"),
-        ({"input_ids": _ids(), "attention_mask": torch.tensor([[0] + [1] * (S - 1)] * B)}, r"padding.*Pack examples"),
         ({"input_ids": _ids(), "attention_mask": torch.ones(B, 1, S, S)}, r"2-D \[batch, seq\].*drop custom 4-D"),
-        ({"input_ids": _ids(), "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]] * B)}, r"packed sequences"),
+        ({"input_ids": _ids(), "position_ids": torch.tensor([[0, 1, 2, 5, 6, 7, 8, 9]] * B)},
+         r"jump from 2 to 5 at token 3.*restart at 0"),
+        ({"input_ids": _ids()[:1], "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]),
+          "cu_seq_lens_q": torch.tensor([0, 3, 8])}, r"`cu_seq_lens_q` \[0, 3, 8\] disagrees with `position_ids`"),
+        ({"input_ids": _ids()[:1], "cu_seq_lens_q": torch.tensor([0, 4, 8]), "cu_seq_lens_k": torch.tensor([0, 5, 8])},
+         r"`cu_seq_lens_k` \[0, 5, 8\] differs"),
+        ({"input_ids": _ids()[:1], "cu_seq_lens_q": torch.tensor([0, 4, 8]),
+          "attention_mask": torch.tensor([[1] * 7 + [0]])}, r"both `cu_seq_lens_q`.*and padding"),
         ({"input_ids": _ids(), "labels": torch.zeros(B, S - 1)}, r"`labels` must be \[batch, seq\]"),
         ({"labels": _ids()}, r"needs `input_ids` or `inputs_embeds`"),
+        ({"input_ids": _ids(), "attention_mask": torch.tensor([[0] * S, [1] * S])}, r"row of padding only"),
     ],
 )
 def test_rejected_batches(batch: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        hf_ringcp.shard_batch(batch)
+        hf_ringcp.shard_batch(batch, pad_to_multiple=False)
 
 
 def test_contiguous_layout_needs_only_cp_divisibility_and_names_layout() -> None:
     out = hf_ringcp.shard_batch({"input_ids": torch.zeros(1, 7, dtype=torch.long)}, layout="contiguous")
     assert out["input_ids"].shape == (1, 7)
     with pytest.raises(ValueError, match="`layout` must be one of"):
-        hf_ringcp.shard_batch({"input_ids": _ids()}, layout="striped")
+        hf_ringcp.shard_batch({"input_ids": _ids()}, layout="diagonal")
+
+
+def test_odd_lengths_are_padded_by_default() -> None:
+    ids = torch.arange(7)[None]
+    out = hf_ringcp.shard_batch({"input_ids": ids, "labels": ids}, pad_token_id=99)
+    assert out["input_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 99]]
+    assert out["shift_labels"].tolist() == [[1, 2, 3, 4, 5, 6, -100, -100]]
+    info = out[SHARD_KEY]
+    assert info.added == 1 and info.documents is None and info.local_padding() == 1
+    assert out["attention_mask"].tolist() == [[True] * 7 + [False]]  # the padding is marked
+
+
+def _flattened(lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    features = [{"input_ids": torch.randint(0, 50, (n,), generator=g).tolist()} for n in lengths]
+    return DataCollatorWithFlattening(return_tensors="pt")(features)
+
+
+def test_packed_rows_keep_documents_apart() -> None:
+    batch = _flattened([3, 5, 1])
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0]]
+    out = hf_ringcp.shard_batch(batch)  # one rank: zigzag pads each document to a multiple of 2
+    info = out[SHARD_KEY]
+    assert info.documents == (0, 4, 10, 12)
+    ids, pos, shifted = (out[k][0].tolist() for k in ("input_ids", "position_ids", "shift_labels"))
+    raw = batch["input_ids"][0].tolist()
+    assert ids == raw[:3] + [0] + raw[3:8] + [0] + raw[8:] + [0]
+    assert pos == [0, 1, 2, 0, 0, 1, 2, 3, 4, 0, 0, 0]
+    # The collator puts -100 at each document start; no target crosses a document or comes from padding.
+    assert shifted == [raw[1], raw[2], -100, -100, raw[4], raw[5], raw[6], raw[7], -100, -100, -100, -100]
+
+
+def test_restarting_positions_alone_define_documents() -> None:
+    ids = torch.arange(6)[None]
+    out = hf_ringcp.shard_batch({"input_ids": ids, "labels": ids, "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]])})
+    # Labels without -100 at the document start: the last token of the first document still predicts nothing.
+    assert out["shift_labels"][0].tolist() == [1, 2, -100, -100, 4, 5, -100, -100]
+    assert out[SHARD_KEY].documents == (0, 4, 8)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_becomes_packing(side: str) -> None:
+    ids = torch.tensor([[10, 11, 12, 13, 14, 15], [20, 21, 22, 0, 0, 0]])
+    mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]])
+    if side == "left":
+        ids, mask = ids.flip(1), mask.flip(1)
+    labels = torch.where(mask.bool(), ids, -100)
+    out = hf_ringcp.shard_batch({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    info = out[SHARD_KEY]
+    assert info.rows == 1 and info.documents == (0, 6, 10)  # the pad tokens are gone; rows are documents
+    real = [t for t in out["input_ids"][0].tolist() if t]
+    assert sorted(real) == sorted(ids[mask.bool()].tolist())
+    # RoPE positions are the padded model's own (arange over the padded row).
+    second = out["position_ids"][0, 6:9].tolist()
+    assert second == ([0, 1, 2] if side == "right" else [3, 4, 5])
+    targets = out["shift_labels"][0].tolist()
+    assert sum(t != -100 for t in targets) == 5 + 2  # each row's tokens but its last; nothing from padding
+
+
+def _split_case(rank: int, world: int) -> dict:
+    results = {}
+    packed = _flattened([3, 2 * world + 1, 5, 1], seed=1)
+    packed["labels"] = packed["input_ids"].clone()
+    plain = {"input_ids": torch.arange(3 * 2 * world).reshape(3, 2 * world) + 1}
+    plain["labels"] = plain["input_ids"].clone()
+    plain["labels"][0, 1] = -100
+    odd = {"input_ids": torch.arange(2 * 7).reshape(2, 7) + 1}
+    odd["labels"] = odd["input_ids"].clone()
+    padded = {"input_ids": torch.tensor([[5, 6, 7, 8, 9], [0, 0, 3, 4, 5]]),
+              "attention_mask": torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])}
+    padded["labels"] = torch.where(padded["attention_mask"].bool(), padded["input_ids"], -100)
+    for name, batch in {"packed": packed, "plain": plain, "odd": odd, "padded": padded}.items():
+        for layout in ("zigzag", "contiguous", "striped"):
+            single = _one_rank_reference(batch, layout, world)
+            out = hf_ringcp.shard_batch(batch, layout=layout)
+            info = out.get(SHARD_KEY)
+            docs = None if info is None else info.documents
+            got = {k: unshard_sequence(out[k], 1, layout=layout, cu_seqlens=docs)
+                   for k in ("input_ids", "shift_labels")}
+            n = count_targets([out])
+            back = unshard_predictions(out["input_ids"][..., None], info, None, layout)
+            results[(name, layout)] = {
+                "same_tokens_and_labels": all(torch.equal(got[k], single[k]) for k in got),
+                "count": int(n) == int((single["shift_labels"] != -100).sum()),
+                "local_tokens": out["input_ids"].shape[1] * world == single["input_ids"].shape[1],
+                "predictions_in_batch_order": torch.equal(
+                    back[..., 0], torch.where(batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool(),
+                                              batch["input_ids"], 0)),
+            }
+    return results
+
+
+def _one_rank_reference(batch: dict, layout: str, world: int) -> dict:
+    """The global rows shard_batch must split (built by hand): plain rows padded at the end, others packed."""
+    split = Layout.for_name(layout, world)
+    if "attention_mask" in batch or "position_ids" in batch:
+        return _packed_reference(batch, split)
+    n = split.padded_length(batch["input_ids"].shape[1])
+    return pad_batch_to_multiple({"input_ids": batch["input_ids"], "shift_labels": shift_labels_of(batch["labels"])}, n)
+
+
+def _packed_reference(batch: dict, split) -> dict:
+    """Documents padded one by one (zigzag) or the row at the end (other layouts), built by hand."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    mask = batch.get("attention_mask", torch.ones_like(ids)).bool()
+    pos = batch.get("position_ids")
+    docs = []
+    for row in range(ids.shape[0]):
+        kept = mask[row].nonzero().flatten()
+        starts = [0] + [i for i in range(1, len(kept)) if pos is not None and int(pos[row, kept[i]]) == 0]
+        for a, z in zip(starts, [*starts[1:], len(kept)]):
+            docs.append(kept[a:z] + row * ids.shape[1])
+    flat_ids, flat_labels = ids.reshape(-1), labels.reshape(-1)
+    out_ids, out_labels = [], []
+    for d in docs:
+        tokens = flat_ids[d].tolist()
+        targets = [*flat_labels[d[1:]].tolist(), -100]
+        n = split.padded_length(len(tokens)) if split.per_document else len(tokens)
+        out_ids += tokens + [0] * (n - len(tokens))
+        out_labels += targets + [-100] * (n - len(tokens))
+    n = split.padded_length(len(out_ids))
+    out_ids += [0] * (n - len(out_ids))
+    out_labels += [-100] * (n - len(out_labels))
+    return {"input_ids": torch.tensor([out_ids]), "shift_labels": torch.tensor([out_labels])}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_split_over_ranks_loses_nothing(world: int) -> None:
+    for rank, results in enumerate(run_ranks(_split_case, world)):
+        for case, checks in results.items():
+            assert all(checks.values()), f"rank {rank} {case}: {checks}"

@@ -49,8 +49,9 @@ def test_context_is_frozen() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"layout": "ring"}, r"`layout` must be one of \('zigzag', 'contiguous'\), but got 'ring'"),
-        ({"comm": "nccl"}, r"`comm` must be one of \('p2p', 'allgather'\), but got 'nccl'"),
+        ({"layout": "ring"},
+         r"`layout` must be one of \('zigzag', 'zigzag_global', 'contiguous', 'striped'\), but got 'ring'"),
+        ({"comm": "nccl"}, r"`comm` must be one of \('p2p', 'allgather', 'ulysses', 'auto'\), but got 'nccl'"),
         ({"backend": "flash2"}, r"`backend` must be one of \('auto', .*'math'\), but got 'flash2'"),
     ],
 )

@@ -6,6 +6,7 @@ transformers imported costs seconds); the workers return errors that the parent 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 
@@ -16,18 +17,22 @@ from peft import LoraConfig, get_peft_model
 from transformers import (
     AttentionInterface,
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     Qwen2Config,
 )
 from transformers.masking_utils import AttentionMaskInterface
 
 import hf_ringcp
+from hf_ringcp.integrations.batch import SHARD_KEY, unshard_predictions
 from hf_ringcp.integrations.hf_attention import ring_attention_forward, ring_attention_mask
 from tests.distributed import run_ranks
 from tests.ring.reference import rel_error
 
 TOLERANCE = 1e-5
+BF16_TOLERANCE = 3e-2
 VOCAB = 128
 SEQ = 32
 TINY = dict(
@@ -40,6 +45,23 @@ CONFIGS = {
     "qwen2": lambda **kw: Qwen2Config(**TINY, use_sliding_window=False, **kw),
     # Mistral passes its window (4096 by default) on every layer: longer than the sequence, so harmless.
     "mistral": lambda **kw: MistralConfig(**TINY, **kw),
+    # Windows shorter than the sequence: every layer (Mistral), the upper layer only (Qwen2), and Gemma3's
+    # alternating local/global layers (with its own query scaling and per-layer-type rotary embeddings).
+    "mistral_window": lambda **kw: MistralConfig(**TINY, sliding_window=11, **kw),
+    "qwen2_window": lambda **kw: Qwen2Config(**TINY, use_sliding_window=True, sliding_window=9, max_window_layers=1,
+                                             **kw),
+    "gemma3": lambda **kw: Gemma3TextConfig(**{**TINY, "head_dim": 16}, sliding_window=10,
+                                            layer_types=["sliding_attention", "full_attention"],
+                                            final_logit_softcapping=None, attn_logit_softcapping=None, **kw),
+    # RoPE whose frequencies depend on the sequence length: dynamic NTK, and Phi-3's longrope (long factors only
+    # beyond 16 positions, which some ranks' shards never reach).
+    "llama_dynamic": lambda **kw: LlamaConfig(**{**TINY, "max_position_embeddings": 20},
+                                              rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                               "rope_theta": 10000.0}, **kw),
+    "phi3_longrope": lambda **kw: Phi3Config(
+        **TINY, original_max_position_embeddings=16, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+        rope_parameters={"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0 + i for i in range(8)],
+                         "rope_theta": 10000.0, "original_max_position_embeddings": 16}, **kw),
 }
 LORA = {
     "lora": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "lm_head"]),
@@ -78,35 +100,73 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
+def real_batch(kind: str, g: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A full batch of ``kind`` and the mask of its real tokens.
+
+    ``plain``: two rows, labels -100 in places; ``packed``: one row of five documents (lengths 1 to 13, some
+    spanning ranks) as ``DataCollatorWithFlattening`` writes them (restarting ``position_ids``, -100 at document
+    starts); ``left`` / ``right``: two padded rows of different lengths (the first real token's label is -100 with
+    left padding: a padded model would score it from a pad token).
+    """
+    if kind == "packed":
+        lengths = [5, 13, 1, 9, 4]
+        ids = torch.randint(0, VOCAB, (1, sum(lengths)), generator=g)
+        pos = torch.cat([torch.arange(n) for n in lengths])[None]
+        labels = ids.clone()
+        labels[pos == 0] = -100
+        return {"input_ids": ids, "position_ids": pos, "labels": labels}, torch.ones_like(ids, dtype=torch.bool)
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=g)
+    labels = ids.clone()
+    if kind == "plain":
+        labels[0, :5] = -100
+        labels[1, -3:] = -100
+        return {"input_ids": ids, "labels": labels}, torch.ones_like(ids, dtype=torch.bool)
+    mask = torch.ones_like(ids)
+    mask[1, SEQ - 11:] = 0
+    if kind == "left":
+        mask = mask.flip(1)
+    labels[mask == 0] = -100
+    if kind == "left":
+        labels[1, 11] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}, mask.bool()
+
+
 def _case_errors(group, world: int, case: tuple, seed: int) -> dict[str, float]:
-    kind, layout, comm, checkpointing, variant = case
+    kind, layout, comm, checkpointing, variant, *rest = case
+    batch_kind = rest[0] if rest else "plain"
+    autocast = len(rest) > 1 and rest[1] == "bf16_autocast"
     ref, ring = model_pair(kind, variant, checkpointing)
     ddp = variant.endswith("_ddp") and world > 1
     if ddp:
         # DDP averages the gradients over the group: causal_lm_loss must go through the wrapper's forward.
         ring = torch.nn.parallel.DistributedDataParallel(ring, process_group=group)
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (2, SEQ), generator=g)
-    labels = ids.clone()
-    labels[0, :5] = -100
-    labels[1, -3:] = -100
+    full, real = real_batch(batch_kind, g)
+    labels = full["labels"]
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
 
-    expected = ref(input_ids=ids, labels=labels, use_cache=False)
-    expected.loss.backward()
+    with amp:
+        # Stock transformers honours packed position_ids only without a KV cache: use_cache=False.
+        expected = ref(**full, use_cache=False)
+        expected.loss.backward()
 
-    batch = hf_ringcp.shard_batch({"input_ids": ids, "labels": labels}, group, layout=layout)
-    # Labels are shifted before sharding: the target of each shard's last token is the next shard's first.
-    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-    assert torch.equal(hf_ringcp.unshard_sequence(batch["shift_labels"], 1, group, layout=layout), shifted)
-    with hf_ringcp.context_parallel(group, layout=layout, comm=comm):
+    batch = hf_ringcp.shard_batch(full, group, layout=layout)
+    if batch_kind == "plain":
+        # Labels are shifted before sharding: the target of each shard's last token is the next shard's first.
+        shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+        assert torch.equal(hf_ringcp.unshard_sequence(batch["shift_labels"], 1, group, layout=layout), shifted)
+    inputs = {k: v for k, v in batch.items() if k != "shift_labels"}
+    hf_ringcp.prepare_model(ring)  # before a forward of our own (causal_lm_loss does it too)
+    comm, _, u = comm.partition("+u")
+    with hf_ringcp.context_parallel(group, layout=layout, comm=comm, ulysses_size=int(u or 1)), amp:
         with torch.no_grad():
-            logits = ring(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+            logits = ring(**inputs, use_cache=False).logits
         loss = hf_ringcp.causal_lm_loss(ring, batch, chunk_size=7)
         loss.backward()
         if variant == "full" and not checkpointing:
             # Counting the targets up front (gradient accumulation) must give the same normalisation.
             with torch.no_grad():
-                counted = hf_ringcp.causal_lm_loss(ring, batch, num_items_in_batch=int((shifted != -100).sum()))
+                counted = hf_ringcp.causal_lm_loss(ring, batch, num_items_in_batch=int((labels[:, 1:] != -100).sum()))
     errors = {}
     if variant == "full" and not checkpointing:
         errors["num_items"] = rel_error(counted, loss.detach())
@@ -123,10 +183,12 @@ def _case_errors(group, world: int, case: tuple, seed: int) -> dict[str, float]:
             else:
                 dist.all_reduce(x, group=group)
 
-    full_logits = hf_ringcp.unshard_sequence(logits, 1, group, layout=layout)
-    errors["logits"] = rel_error(full_logits, expected.logits.detach())
+    full_logits = unshard_predictions(logits, batch.get(SHARD_KEY), group, layout)
+    errors["logits"] = rel_error(full_logits[real], expected.logits.detach()[real])
     errors["loss"] = rel_error(total, expected.loss)
     errors["grad"] = max(rel_error(grads[n], ref_grads[n]) for n in grads)
+    if autocast:  # bf16 against the same bf16 autocast of SDPA: close, not equal
+        errors = {k: e / (BF16_TOLERANCE / TOLERANCE) for k, e in errors.items()}
     return errors
 
 
@@ -146,12 +208,32 @@ def _cases() -> list[tuple]:
         ("mistral", "contiguous", "allgather", False, "lora"),
         ("llama", "zigzag", "p2p", True, "lora_ddp"),
     ]
-    return matrix + others
+    # Real batches (packed documents, left/right padding), sliding windows, position-dependent RoPE, autocast.
+    real = [
+        ("llama", "zigzag", "p2p", True, "lora", "packed"),
+        ("llama", "zigzag_global", "allgather", False, "lora", "packed"),
+        ("llama", "striped", "p2p", False, "full", "packed"),
+        ("llama", "zigzag", "allgather", False, "lora", "left"),
+        ("llama", "contiguous", "p2p", True, "lora", "right"),
+        ("mistral_window", "zigzag", "p2p", True, "lora"),
+        ("mistral_window", "striped", "allgather", False, "lora", "packed"),
+        ("qwen2_window", "contiguous", "allgather", False, "full", "right"),
+        ("gemma3", "zigzag", "p2p", True, "lora", "packed"),
+        ("llama_dynamic", "zigzag", "p2p", False, "lora"),
+        ("phi3_longrope", "zigzag", "allgather", True, "lora", "left"),
+        ("llama", "zigzag", "p2p", False, "lora", "plain", "bf16_autocast"),
+        # Ulysses (all-to-all over heads; 2 K/V heads repeated on 4 ranks) and the hybrid Ulysses x ring.
+        ("llama", "zigzag", "ulysses", True, "lora", "packed"),
+        ("llama", "zigzag", "p2p+u2", True, "lora"),
+        ("mistral_window", "contiguous", "allgather+u2", False, "lora", "left"),
+    ]
+    return matrix + others + real
 
 
 def _all_cases(rank: int, world: int) -> dict:
     group = dist.new_group(list(range(world))) if dist.is_initialized() else None
-    return {case: _case_errors(group, world, case, seed=100 + i) for i, case in enumerate(_cases())}
+    fits = lambda case: world % int(case[2].partition("+u")[2] or 1) == 0  # the hybrid needs its Ulysses groups
+    return {case: _case_errors(group, world, case, seed=100 + i) for i, case in enumerate(_cases()) if fits(case)}
 
 
 def _assert_within(per_rank: list[dict]) -> None:

@@ -19,6 +19,7 @@ H, V = 48, 160  # distinct sizes, so a saved [n, V] logits tensor is recognisabl
 
 def _head_and_data(n: int = 37):
     g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the head's initial weights too: every input of a test is seeded
     head = torch.nn.Linear(H, V)
     hidden = torch.randn(n, H, generator=g, requires_grad=True)
     labels = torch.randint(0, V, (n,), generator=g)
@@ -103,3 +104,31 @@ def test_ambiguous_logit_scaling_raises_unless_given() -> None:
 def test_missing_shift_labels_names_shard_batch() -> None:
     with pytest.raises(ValueError, match=r"needs `shift_labels`.*shard_batch"):
         hf_ringcp.causal_lm_loss(tiny_model("llama", "ring"), {"input_ids": torch.zeros(1, 4, dtype=torch.long)})
+
+
+def _sharded_loss(rank: int, world: int) -> dict[str, float]:
+    """The per-rank losses add up to the single-process loss; so do the gradients; the counts are global."""
+    from hf_ringcp.integrations.batch import count_targets
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", "ring")
+    ids, labels = _batch(4 * world)
+    expected = model(input_ids=ids, labels=labels)
+    (ref_grad,) = torch.autograd.grad(expected.loss, model.lm_head.weight)
+    batch = hf_ringcp.shard_batch({"input_ids": ids, "labels": labels})
+    with hf_ringcp.context_parallel():
+        local = hf_ringcp.causal_lm_loss(model, batch, chunk_size=3)
+        (grad,) = torch.autograd.grad(local, model.lm_head.weight)
+    total = local.detach().clone()
+    torch.distributed.all_reduce(total)
+    torch.distributed.all_reduce(grad)
+    return {"loss": rel_error(total, expected.loss), "grad": rel_error(grad, ref_grad),
+            "count": float(int(count_targets([batch])) != int((labels[:, 1:] != -100).sum()))}
+
+
+def test_loss_over_ranks_is_the_global_token_mean() -> None:
+    from tests.distributed import run_ranks
+
+    for rank, errors in enumerate(run_ranks(_sharded_loss, 2)):
+        assert errors["count"] == 0.0, f"rank {rank}: the global target count is wrong"
+        assert errors["loss"] <= 1e-6 and errors["grad"] <= 1e-5, f"rank {rank}: {errors}"

@@ -82,9 +82,10 @@ def _sdpa_model_refused(rank: int, world: int) -> str:
     plugin = ContextParallelPlugin(cp_size=2)
     with pytest.raises(ValueError, match=r"attn_implementation='sdpa'.*attn_implementation='ring'") as info:
         plugin.prepare(Accelerator(cpu=True), tiny_lora_llama("sdpa"))
+    strict = ContextParallelPlugin(cp_size=2, pad_to_multiple=False)
     with pytest.raises(ValueError, match=r"divisible by 2 \* cp_size = 4"):
-        plugin.shard({"input_ids": torch.zeros(1, 6, dtype=torch.long), "labels": torch.zeros(1, 6, dtype=torch.long)})
-    padded = ContextParallelPlugin(cp_size=2, pad_to_multiple=True).shard(
+        strict.shard({"input_ids": torch.zeros(1, 6, dtype=torch.long), "labels": torch.zeros(1, 6, dtype=torch.long)})
+    padded = plugin.shard(
         {"input_ids": torch.ones(1, 6, dtype=torch.long), "labels": torch.ones(1, 6, dtype=torch.long)}
     )
     assert padded["input_ids"].shape == (1, 4)
@@ -103,7 +104,7 @@ def test_plugin_fields_fall_back_to_environment(monkeypatch) -> None:
     plugin = ContextParallelPlugin(comm="allgather")
     assert (plugin.cp_size, plugin.layout, plugin.comm, plugin.pad_to_multiple) == (4, "contiguous", "allgather", True)
     assert plugin.seq_divisor == 4
-    monkeypatch.setenv("HF_RINGCP_LAYOUT", "striped")
+    monkeypatch.setenv("HF_RINGCP_LAYOUT", "diagonal")
     with pytest.raises(ValueError, match="`layout` must be one of"):
         ContextParallelPlugin()
     monkeypatch.setenv("HF_RINGCP_CP_SIZE", "four")
@@ -132,8 +133,9 @@ def _loss_and_grads(rank: int, world: int) -> float:
             loss = plugin.loss(model, plugin.shard(batch))
             loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        tiled = ["forward" in layer.mlp.__dict__ for layer in model.base_model.model.model.layers]
+        assert tiled == [bool(savers)] * CONFIG.num_hidden_layers  # the savers are really on (and only then)
         results.append((loss.detach(), grads))
-    assert CONFIG.intermediate_size > 2
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert rel_error(loss_b, loss_a) <= 1e-6
     return rel_error(grads_b, grads_a)
@@ -143,12 +145,10 @@ def test_memory_savers_change_no_number() -> None:
     assert max(run_ranks(_loss_and_grads, 2)) <= 1e-5
 
 
-def test_padding_applies_the_batch_checks() -> None:
+def test_padding_extends_every_per_token_tensor() -> None:
     ones = torch.ones(1, 6, dtype=torch.long)
     padded = pad_batch_to_multiple({"input_ids": ones, "labels": ones, "attention_mask": ones,
-                                    "position_ids": torch.arange(6)[None]}, 4)
-    assert set(padded) == {"input_ids", "shift_labels"} and padded["input_ids"].shape == (1, 8)
-    with pytest.raises(ValueError, match="`attention_mask` has padding"):
-        pad_batch_to_multiple({"input_ids": ones, "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]])}, 4)
-    with pytest.raises(ValueError, match=r"are not 0\.\.5 in every row"):
-        pad_batch_to_multiple({"input_ids": ones, "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]])}, 4)
+                                    "position_ids": torch.arange(6)[None], "meta": "kept"}, 4)
+    assert set(padded) == {"input_ids", "shift_labels", "attention_mask", "position_ids", "meta"}
+    assert padded["attention_mask"].tolist() == [[1] * 6 + [0, 0]]  # the padding is masked
+    assert padded["shift_labels"].tolist() == [[1] * 5 + [-100] * 3] and padded["meta"] == "kept"

@@ -59,7 +59,7 @@ def test_embedded_model_retrieves_a_short_passkey(smollm2):
             reference = model(ids).logits
         finally:
             model.set_attn_implementation("ring")
-    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+    assert torch.equal(logits, reference)  # outside context_parallel "ring" is SDPA: the same numbers
     pred = logits[0].argmax(-1)
     assert answer_accuracy(sample, pred) == 1.0
     # Greedy continuation of the prompt from the teacher-forced predictions of the answer positions.

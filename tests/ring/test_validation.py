@@ -10,7 +10,8 @@ from tests.distributed import run_ranks
 
 
 def _qkv(hq=4, hkv=2, s=8, d=8, dtype=torch.float32):
-    return tuple(torch.randn(1, h, s, d, dtype=dtype) for h in (hq, hkv, hkv))
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(1, h, s, d, dtype=dtype, generator=g) for h in (hq, hkv, hkv))
 
 
 @pytest.mark.parametrize(
@@ -32,7 +33,7 @@ def test_bad_tensors(change, message) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"layout": "striped"}, "`layout` must be one of"),
+        ({"layout": "diagonal"}, "`layout` must be one of"),
         ({"comm": "alltoall"}, "`comm` must be one of"),
         ({"backend": "triton"}, "`backend` must be one of"),
         ({"backend": "cudnn"}, "cannot run on these inputs.*Use backend='auto'"),
@@ -55,6 +56,16 @@ def _odd_local_length(rank: int, world: int) -> str:
     with pytest.raises(ValueError, match="divisible by 2 for layout='zigzag'") as info:
         ring_attention(q, k, v)
     ring_attention(q, k, v, layout="contiguous")
+    # Bad Ulysses settings name the valid values.
+    q, k, v = _qkv(hq=6, hkv=3, s=4)
+    with pytest.raises(ValueError, match=r"`ulysses_size` = 3 must divide the CP size \(2\); valid values: \[1, 2\]"):
+        ring_attention(q, k, v, ulysses_size=3)
+    with pytest.raises(ValueError, match=r"does not split the heads \(6 query, 3 key/value\).*sizes.*\[1, 3, 6\]"):
+        ring_attention(q, k, v, comm="ulysses")
+    with pytest.raises(ValueError, match=r"comm='ulysses' runs Ulysses over the whole CP group.*ulysses_size=2"):
+        ring_attention(q, k, v, comm="ulysses", ulysses_size=2)
+    with pytest.raises(ValueError, match=r"`ulysses_size` must be a positive integer"):
+        ring_attention(q, k, v, ulysses_size=0)
     return str(info.value)
 
 
