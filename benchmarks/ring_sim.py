@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -69,6 +70,7 @@ from hf_ringcp.ring.layout import LAYOUTS, Layout
 from hf_ringcp.ring.p2p import P2PRing
 from hf_ringcp.ring.plan import MaskSpec
 from hf_ringcp.ring.variant import RankSetup, Variant
+from hf_ringcp.ring.varlen import FLASH_VARLEN
 
 aten = torch.ops.aten
 MAX_ERR = 2e-2  # Frobenius-relative error of the sim's bf16 output and dQ against the single-device run
@@ -288,11 +290,15 @@ def _empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def _kernels(name: str, native_gqa: str) -> Kernels:
+def _kernels(name: str, native_gqa: str, varlen: bool = True) -> Kernels:
+    """The ring's kernel choice for ``name`` (as ``Kernels.choose`` makes it on CUDA bf16), ``varlen`` on or off."""
     backend: Backend = BACKENDS[name]
     if native_gqa != "default":
         backend = dataclasses.replace(backend, native_gqa=native_gqa == "on")
-    return Kernels(backend)
+    cuda = torch.cuda.is_available()
+    single = BACKENDS["flash"] if name == "cudnn" and cuda else None
+    grouped = FLASH_VARLEN if varlen and cuda and name in ("cudnn", "flash") else None
+    return Kernels(backend, None, single, grouped)
 
 
 def _inputs(b: int, seq: int, heads: tuple[int, ...], d: int, device: str, seed: int):
@@ -390,10 +396,11 @@ def packed_rows(args, device: str, info_print) -> list[dict]:
                     rows.append(row)
                     info_print(row, rows)
                     continue
-                for comm in args.comms:
-                    row_c = {**row, "comm": comm}
+                for comm, varlen in itertools.product(args.comms, args.varlen):
+                    row_c = {**row, "comm": comm, "varlen": varlen}
                     try:
-                        row_c.update(sim_config(ranks, comm, kernels, scale, ref_out, ref_dq, timing,
+                        row_c.update(sim_config(ranks, comm, _kernels(name, args.native_gqa, varlen == "on"), scale,
+                                                ref_out, ref_dq, timing,
                                                 name in args.bound, real_index=None if not placed.padding else index))
                         row_c.update(efficiency=t_ref / p / row_c["max_rank_ms"],
                                      tflops_per_gpu=flops / p / row_c["max_rank_ms"] / 1e9)
@@ -414,7 +421,8 @@ def packed_rows(args, device: str, info_print) -> list[dict]:
 
 PLAIN_COLUMNS = ["label", "S", "P", "backend", "layout", "comm", "efficiency", "kernel_bound", "tflops_per_gpu",
                  "max_rank_ms", "mean_rank_ms", "full_ms", "full_tflops", "out_err", "dq_err", "error"]
-PACKED_COLUMNS = ["label", "dist", "docs", "S", "S_row", "pad", "P", "backend", "layout", "comm", "efficiency",
+PACKED_COLUMNS = ["label", "dist", "docs", "S", "S_row", "pad", "P", "backend", "layout", "comm", "varlen",
+                  "efficiency",
                   "kernel_bound", "tflops_per_gpu", "max_rank_ms", "mean_rank_ms", "ref", "ref_ms", "ref_tflops",
                   "out_err", "dq_err", "error"]
 
@@ -437,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"real tokens per packed row (default {REFERENCE_LEN} on CUDA, the largest of --seqlens "
                              "on CPU); the distributions' lengths scale with it")
     parser.add_argument("--packed-layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+    parser.add_argument("--varlen", nargs="+", default=["on"], choices=["on", "off"],
+                        help="packed rows: the ring's many small calls as varlen calls (on), or one by one (off)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the packed rows' document lengths")
     parser.add_argument("--native-gqa", choices=["default", "on", "off"], default="default",
                         help="override the backends' native_gqa flag (default: as set in kernels.py)")

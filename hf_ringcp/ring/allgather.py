@@ -20,7 +20,15 @@ from functools import cached_property
 import torch
 import torch.distributed as dist
 
-from hf_ringcp.ring.blocks import OutputAccumulator, RowAccumulator, RowWrites, backward_kernels, forward_calls, like
+from hf_ringcp.ring.blocks import (
+    OutputAccumulator,
+    RowAccumulator,
+    RowWrites,
+    backward_kernels,
+    forward_calls,
+    kv_pieces,
+    like,
+)
 from hf_ringcp.ring.comm import GatherComm
 from hf_ringcp.ring.plan import BlockCall
 from hf_ringcp.ring.variant import RankSetup, Variant
@@ -133,14 +141,15 @@ class AllGatherRing(Variant):
             gathered, work = comm.start_gather(kv)
         dq = RowAccumulator(torch.empty_like(q, dtype=torch.float32))
         dkv = _RankMajorKVGrads(kv, s.world, self.moves)  # this rank's share of every token's dK/dV
-        for c, bdk, bdv in backward_kernels(self.own_calls, dout, q, k, v, out, lse, dq, s.kernels, s.scale):
-            dkv.add_local(s.rank, c.kv, bdk, bdv)
+        for rows, bdk, bdv in kv_pieces(backward_kernels(self.own_calls, dout, q, k, v, out, lse, dq, s.kernels,
+                                                         s.scale)):
+            dkv.add_local(s.rank, rows, bdk, bdv)
         if s.world > 1:
             work.wait()
             full = self._buffer(gathered)
-            for c, bdk, bdv in backward_kernels(self.rest_calls, dout, q, full[0], full[1], out, lse, dq, s.kernels,
-                                                s.scale):
-                dkv.add(c.kv, bdk, bdv)
+            grads = backward_kernels(self.rest_calls, dout, q, full[0], full[1], out, lse, dq, s.kernels, s.scale)
+            for rows, bdk, bdv in kv_pieces(grads):
+                dkv.add(rows, bdk, bdv)
             mine = torch.empty(kv.shape, dtype=torch.float32, device=kv.device)
             comm.reduce_scatter(mine, dkv.result())
         else:

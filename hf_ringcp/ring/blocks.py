@@ -19,6 +19,7 @@ import torch
 from hf_ringcp.ring.kernels import BACKENDS, Backend, additive_mask, block_backward, block_forward, select_backend
 from hf_ringcp.ring.merge import merge_into
 from hf_ringcp.ring.plan import BlockCall
+from hf_ringcp.ring.varlen import FLASH_VARLEN, MIN_CALLS, PackedGroup, Varlen, pack_rows, plan_groups, unpack_rows
 
 
 def like(x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -39,6 +40,8 @@ class Kernels:
     plain: Backend
     masked: Backend | None = None
     single: Backend | None = None
+    #: Runs many small calls of one kind as one variable-length call (:mod:`hf_ringcp.ring.varlen`); ``None``: off.
+    varlen: Varlen | None = None
 
     @staticmethod
     def choose(name: str, q: torch.Tensor, k: torch.Tensor, needs_masks: bool) -> Kernels:
@@ -49,7 +52,15 @@ class Kernels:
         masked = None
         if needs_masks:
             masked = plain if plain.masks else select_backend(name, q, k, masked=True)
-        return Kernels(plain, masked, single)
+        varlen = FLASH_VARLEN if plain.name in ("cudnn", "flash") and FLASH_VARLEN.supports(q, k) is None else None
+        return Kernels(plain, masked, single, varlen)
+
+    def groups(self, calls, q: torch.Tensor) -> tuple[tuple[PackedGroup, ...], tuple[BlockCall, ...]]:
+        """The varlen groups of ``calls`` (with their packed indices) and the calls that run one by one."""
+        calls = tuple(calls)
+        if self.varlen is None or q.shape[0] != 1 or len(calls) < MIN_CALLS:
+            return (), calls
+        return plan_groups(calls, str(q.device))
 
     def for_call(self, c: BlockCall, q: torch.Tensor) -> tuple[Backend, torch.Tensor | None]:
         if c.kind != "band":
@@ -131,6 +142,20 @@ class OutputAccumulator:
             else:
                 merge_into(self.out[:, :, a:b], self.lse[:, :, a:b], out[:, :, src], lse[:, :, src])
 
+    def add_packed(self, ranges: list[tuple[int, int]], out: torch.Tensor, lse: torch.Tensor) -> None:
+        """``out`` ``[B, H, T, D]`` / ``lse`` ``[B, H, T]`` hold the rows ``ranges`` (non-overlapping) back to back."""
+        first, again = _split_ranges(self.writes, ranges, self.out.device)
+        if first is not None:
+            dst, src = first
+            self.out.index_copy_(2, dst, out.index_select(2, src).to(self.out.dtype))
+            self.lse.index_copy_(2, dst, lse.index_select(2, src))
+        if again is not None:
+            dst, src = again
+            cur_out, cur_lse = self.out.index_select(2, dst), self.lse.index_select(2, dst)
+            merge_into(cur_out, cur_lse, out.index_select(2, src), lse.index_select(2, src))
+            self.out.index_copy_(2, dst, cur_out)
+            self.lse.index_copy_(2, dst, cur_lse)
+
     def result(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         missing = self.writes.unwritten()
         if missing:
@@ -157,10 +182,43 @@ class RowAccumulator:
             else:
                 self.buf[..., a:b, :] += src
 
+    def add_packed(self, ranges: list[tuple[int, int]], x: torch.Tensor, overlapping: bool = False) -> None:
+        """``x`` ``[..., T, D]`` holds the rows ``ranges`` back to back; ``overlapping``: ranges may repeat rows."""
+        dim = self.buf.dim() - 2
+        first, again = _split_ranges(self.writes, ranges, self.buf.device)
+        if overlapping:
+            if first is not None:
+                self.buf.index_fill_(dim, first[0], 0.0)
+            self.buf.index_add_(dim, _arange_of(ranges, self.buf.device), x.to(self.buf.dtype))
+            return
+        if first is not None:
+            self.buf.index_copy_(dim, first[0], x.index_select(dim, first[1]).to(self.buf.dtype))
+        if again is not None:
+            self.buf.index_add_(dim, again[0], x.index_select(dim, again[1]).to(self.buf.dtype))
+
     def result(self) -> torch.Tensor:
         for a, b in self.writes.unwritten():
             self.buf[..., a:b, :].zero_()
         return self.buf
+
+
+def _arange_of(ranges: list[tuple[int, int]], device) -> torch.Tensor:
+    return torch.cat([torch.arange(a, b) for a, b in ranges]).to(device)
+
+
+def _split_ranges(writes: RowWrites, ranges: list[tuple[int, int]], device):
+    """Mark ``ranges`` written; return ``(dst rows, packed rows)`` index pairs of first and later writes (or None)."""
+    first_dst, first_src, again_dst, again_src = [], [], [], []
+    pos = 0
+    for a, b in ranges:
+        for x, y, is_first in writes.split(a, b):
+            dst, src = (first_dst, first_src) if is_first else (again_dst, again_src)
+            dst.append((x, y))
+            src.append((pos + x - a, pos + y - a))
+        pos += b - a
+    first = (_arange_of(first_dst, device), _arange_of(first_src, device)) if first_dst else None
+    again = (_arange_of(again_dst, device), _arange_of(again_src, device)) if again_dst else None
+    return first, again
 
 
 def forward_calls(
@@ -168,6 +226,11 @@ def forward_calls(
     kernels: Kernels, scale: float,
 ) -> None:
     """Attend ``q``'s planned rows to the planned rows of the buffer ``k``/``v`` and merge into ``acc``."""
+    groups, calls = kernels.groups(calls, q)
+    for g in groups:
+        out, lse = kernels.varlen.forward(pack_rows(q, g.q_index), pack_rows(k, g.kv_index), pack_rows(v, g.kv_index),
+                                          g.cu_q, g.cu_k, g.max_q, g.max_k, g.causal, scale)
+        acc.add_packed(g.q_ranges, unpack_rows(out), lse[None])
     for c in calls:
         backend, bias = kernels.for_call(c, q)
         out, lse = block_forward(backend, q[:, :, c.q], k[:, :, c.kv], v[:, :, c.kv], c.causal, scale, bias)
@@ -181,9 +244,19 @@ def backward_kernels(
     """Run the planned blocks' backward kernels, add into ``dq``; return each call's ``dk``, ``dv`` (``Hkv`` heads).
 
     The K/V gradients are returned rather than added so that a ring can wait for the incoming dK/dV accumulator
-    between the kernels and the additions (:func:`add_kv_grads`), or file them by segment.
+    between the kernels and the additions (:func:`add_kv_grads`), or file them by segment (:func:`kv_pieces`).
+    Varlen groups return ``(group, dk [1, Hkv, T, D], dv)`` with the group's K/V rows back to back.
     """
-    grads = []
+    grads: list = []
+    groups, calls = kernels.groups(calls, q)
+    for g in groups:
+        packed = [pack_rows(x, g.q_index) for x in (dout, q)]
+        kv = [pack_rows(x, g.kv_index) for x in (k, v)]
+        bdq, bdk, bdv = kernels.varlen.backward(packed[0], packed[1], kv[0], kv[1], pack_rows(out, g.q_index),
+                                                lse[0].index_select(1, g.q_index), g.cu_q, g.cu_k, g.max_q, g.max_k,
+                                                g.causal, scale)
+        dq.add_packed(g.q_ranges, unpack_rows(bdq))
+        grads.append((g, unpack_rows(bdk), unpack_rows(bdv)))
     for c in calls:
         backend, bias = kernels.for_call(c, q)
         bdq, bdk, bdv = block_backward(
@@ -202,7 +275,24 @@ def add_kv_grads(
     """Add the blocks' ``dk``/``dv`` into float32 buffer accumulators (tensors or :class:`RowAccumulator`)."""
     for c, bdk, bdv in grads:
         for acc, x in ((dk, bdk), (dv, bdv)):
-            if isinstance(acc, RowAccumulator):
+            if isinstance(c, PackedGroup):
+                if isinstance(acc, RowAccumulator):
+                    acc.add_packed(c.kv_ranges, x, overlapping=True)
+                else:
+                    acc.index_add_(2, c.kv_index, x.to(acc.dtype))
+            elif isinstance(acc, RowAccumulator):
                 acc.add(c.kv, x)
             else:
                 acc[:, :, c.kv] += x
+
+
+def kv_pieces(grads: list):
+    """``(buffer rows, dk, dv)`` per call of :func:`backward_kernels`' result, varlen groups split by call."""
+    for c, bdk, bdv in grads:
+        if isinstance(c, PackedGroup):
+            pos = 0
+            for a, b in c.kv_ranges:
+                yield slice(a, b), bdk[:, :, pos : pos + b - a], bdv[:, :, pos : pos + b - a]
+                pos += b - a
+        else:
+            yield c.kv, bdk, bdv
