@@ -127,8 +127,21 @@ class RecipeConfig:
         "Skip the passkey evaluation before and after training (and the length checks of "
         "``passkey_eval_lengths``).")})
 
+    fsdp: bool = field(default=False, metadata={"help": (
+        "Shard the weights with FSDP2 over all ranks (dp x cp; for models that do not fit replicated, e.g. 70B).")})
+
+    # TRL
+    trainer: str = field(default="transformers", metadata={"help": (
+        '``"transformers"`` (the Trainer on packed ``seq_len`` chunks of ``dataset``) or ``"trl"`` (TRL\'s '
+        "SFTTrainer on a chat/prompt-completion/text jsonl ``dataset``, rows up to ``seq_len`` tokens).")})
+    packing: bool = field(default=True, metadata={"help": (
+        "``trainer: trl``: pack the examples into rows of ``seq_len`` tokens (BFD, padding-free; documents stay "
+        "apart under context parallelism).")})
+
     def __post_init__(self) -> None:
         check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"), "use dtype: bfloat16 on GPUs")
+        check_choice("trainer", self.trainer, ("transformers", "trl"),
+                     "use trainer: trl for TRL's SFTTrainer (pip install 'trl>=1.16')")
         ring = self.ring_config  # validates layout, comm, backend and ulysses_size: the library's one place for it
         if self.ulysses_size != "auto":
             ring.check_world(self.cp_size)

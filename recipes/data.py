@@ -244,13 +244,20 @@ TINY_CORPUS = (
 )
 
 
+# A minimal chat template for the in-memory tokenizer (real models bring their own), so chat data works offline.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
 def build_tiny_tokenizer(texts: Sequence[str] = TINY_CORPUS, vocab_size: int = 400, split_digits: bool = True):
     """A small byte-level BPE ``PreTrainedTokenizerFast`` trained in memory on ``texts`` (for tests, offline).
 
     With ``split_digits`` every digit is its own token (like the SmolLM2 tokenizer); without, BPE may merge
     them. Special tokens: ``<eos>`` (id 0, also BOS) and ``<pad>`` (id 1); no special token is added when
     encoding. Any text can be encoded (byte fallback through the 256-byte alphabet). Deterministic for the same
-    arguments.
+    arguments. Its chat template is ``TINY_CHAT_TEMPLATE``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -271,5 +278,6 @@ def build_tiny_tokenizer(texts: Sequence[str] = TINY_CORPUS, vocab_size: int = 4
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<eos>", bos_token="<eos>", pad_token="<pad>", model_max_length=1 << 30
+        tokenizer_object=tok, eos_token="<eos>", bos_token="<eos>", pad_token="<pad>", model_max_length=1 << 30,
+        chat_template=TINY_CHAT_TEMPLATE,
     )

@@ -43,7 +43,6 @@ def _print(*args: Any) -> None:
 
 # ------------------------------------------------------------------------------------------------- model
 
-
 def load_model_and_tokenizer(cfg: RecipeConfig):
     """The ``"ring"`` model (with LoRA) and its tokenizer, as the recipe asks."""
     from peft import LoraConfig, get_peft_model
@@ -174,10 +173,20 @@ def _mean(values) -> float:
 
 
 def training_arguments(cfg: RecipeConfig):
+    """``TrainingArguments`` (or TRL's ``SFTConfig`` for ``trainer: trl``) from the recipe."""
     from transformers import TrainingArguments
 
-    return TrainingArguments(
-        output_dir=cfg.output_dir, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type,
+    kind = TrainingArguments
+    extra: dict[str, Any] = {}
+    if cfg.trainer == "trl":
+        from trl import SFTConfig
+
+        kind = SFTConfig
+        extra = dict(packing=cfg.packing, max_length=cfg.seq_len, bf16=cfg.dtype == "bfloat16")
+    if cfg.fsdp:  # FSDP2 over all dp x cp ranks; the ring runs inside each CP group as before
+        extra.update(fsdp="full_shard", fsdp_config={"fsdp_version": 2})
+    return kind(
+        **extra, output_dir=cfg.output_dir, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=1, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -187,6 +196,19 @@ def training_arguments(cfg: RecipeConfig):
         use_cpu=not torch.cuda.is_available(), report_to=[], dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
     )
+
+
+def build_sft_datasets(cfg: RecipeConfig):
+    """``trainer: trl``: the jsonl rows as TRL reads them (``messages``, ``prompt``/``completion`` or ``text``)."""
+    from recipes.data import load_text_source
+
+    train = load_text_source(cfg.dataset)
+    if cfg.eval_dataset is not None:
+        evaluation = load_text_source(cfg.eval_dataset)
+    else:  # the last rows of the training file, held out
+        n = min(max(cfg.num_eval_samples, 1), max(len(train) - 1, 1))
+        train, evaluation = train.select(range(len(train) - n)), train.select(range(len(train) - n, len(train)))
+    return train, evaluation
 
 
 def run(cfg: RecipeConfig) -> dict[str, Any]:
@@ -199,7 +221,14 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
     cfg.check_world(_world_size())
     args = training_arguments(cfg)  # initialises torch.distributed under accelerate launch / torchrun
     model, tokenizer = load_model_and_tokenizer(cfg)
-    train_data, eval_data = build_datasets(cfg, tokenizer)
+    trainer_class = Trainer
+    if cfg.trainer == "trl":
+        from trl import SFTTrainer  # RingCPCallback uses the same seams of it
+
+        trainer_class = SFTTrainer
+        train_data, eval_data = build_sft_datasets(cfg)
+    else:
+        train_data, eval_data = build_datasets(cfg, tokenizer)
     plugin = ContextParallelPlugin(
         cp_size=cfg.cp_size, layout=cfg.layout, comm=cfg.comm, ulysses_size=cfg.ulysses_size, backend=cfg.backend,
         loss_chunk_size=cfg.loss_chunk_size, offload_activations=cfg.offload_activations,
@@ -208,8 +237,8 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
     peak = cfg.device_peak_tflops * 1e12 if cfg.device_peak_tflops else None
     callback = RingCPCallback(plugin, model_flops_per_token=flops_per_token(model, cfg.seq_len),
                               peak_flops_per_device=peak)
-    trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                      processing_class=tokenizer, callbacks=[callback])
+    trainer = trainer_class(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                            processing_class=tokenizer, callbacks=[callback])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _print(f"model {cfg.model_name_or_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
            f"{trainable / 1e6:.2f}M trainable (LoRA r={cfg.lora_r}); world {_world_size()} = dp "

@@ -40,14 +40,15 @@ def _namespace(tmp: str) -> dict:
         LlamaForCausalLM(CONFIG).save_pretrained(path)
     dist.barrier()
     lengths = torch.randint(3, 20, (16,), generator=g).tolist()
+    tokenizer = build_tiny_tokenizer()
     return {
         "cp_group": dist.group.WORLD, "q": q, "k": k, "v": v, "path": path,
         "full_batch": {"input_ids": ids, "labels": ids.clone()},
         "loader": DataLoader([{k: s[k] for k in ("input_ids", "labels")} for s in token_samples(4, 16)], batch_size=1),
         "train_dataset": [{"input_ids": torch.randint(2, CONFIG.vocab_size, (n,), generator=g).tolist()}
                           for n in lengths],
-        "tokenizer": build_tiny_tokenizer(),
-        "fresh_model": lambda: tiny_lora_llama("ring"),
+        "tokenizer": tokenizer,
+        "fresh_model": lambda: tiny_lora_llama("ring", vocab_size=len(tokenizer)),  # TRL's data is tokenised
     }
 
 

@@ -62,6 +62,7 @@ def _fail(what: str, fix: str) -> None:
 # --------------------------------------------------------------------------------------------- mask function
 
 
+@torch.compiler.disable  # Python-level checks and the active context: opaque to torch.compile
 def ring_attention_mask(
     batch_size: int,
     q_length: int,
@@ -277,6 +278,7 @@ def _one_rank_context(ctx: RingContext | None, info: ShardInfo) -> RingContext:
     return make_context(None, layout=info.layout, force_ring=True)
 
 
+@torch.compiler.disable  # the ring (collectives, plans, its own autograd Function): one graph break per layer
 def ring_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,

@@ -105,6 +105,7 @@ class _GlobalMaxPosition:
         dist.all_reduce(local, op=dist.ReduceOp.MAX, group=ctx.group)
         return local.to(position_ids.device)
 
+    @torch.compiler.disable  # a collective: outside any compiled graph
     def pre(self, module, args, kwargs):
         ctx = get_context()
         self._local.active = False
@@ -119,6 +120,7 @@ class _GlobalMaxPosition:
             return args, {**kwargs, "position_ids": extended}
         return (args[0], extended, *args[2:]), kwargs
 
+    @torch.compiler.disable
     def post(self, module, args, kwargs, output):
         if not getattr(self._local, "active", False):
             return None

@@ -16,10 +16,12 @@ CONFIG = LlamaConfig(
 )
 
 
-def tiny_lora_llama(attn: str, seed: int = 0) -> torch.nn.Module:
+def tiny_lora_llama(attn: str, seed: int = 0, vocab_size: int | None = None) -> torch.nn.Module:
     """A 2-layer Llama with LoRA on all linear layers; identical weights for every ``attn`` and rank."""
+    config = copy.deepcopy(CONFIG)
+    config.vocab_size = vocab_size or config.vocab_size
     torch.manual_seed(seed)
-    model = LlamaForCausalLM._from_config(copy.deepcopy(CONFIG), attn_implementation=attn, dtype=torch.float32)
+    model = LlamaForCausalLM._from_config(config, attn_implementation=attn, dtype=torch.float32)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
     torch.manual_seed(seed + 1)
     return get_peft_model(model, lora)

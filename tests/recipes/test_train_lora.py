@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -35,7 +36,7 @@ def _launch(output_dir: Path, *overrides: str) -> dict:
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n" + proc.stdout[-4000:] + proc.stderr[-6000:]
     return json.loads((output_dir / "results.json").read_text())
 
 
@@ -46,7 +47,7 @@ def _single_process(output_dir: Path, *overrides: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n" + proc.stdout[-4000:] + proc.stderr[-6000:]
     return json.loads((output_dir / "results.json").read_text())
 
 
@@ -70,6 +71,14 @@ def test_recipe_trains_evaluates_and_resumes(tmp_path: Path) -> None:
     assert len(resumed["losses"]) == 4
     assert resumed["losses"][2:] == pytest.approx(full["losses"][2:], rel=1e-5)
     assert resumed["eval_loss"] == pytest.approx(full["eval_loss"], rel=1e-5)
+
+
+def test_trl_recipe_trains_on_the_shipped_chat_data(tmp_path: Path) -> None:
+    pytest.importorskip("trl")
+    out = _launch(tmp_path / "trl", "--trainer", "trl", "--dataset", str(ROOT / "recipes/data/chat_example.jsonl"),
+                  "--max_steps", "2", "--skip_passkey_eval", "true", "--save_steps", "2")
+    assert len(out["losses"]) == 2 and all(math.isfinite(x) for x in out["losses"])
+    assert math.isfinite(out["eval_loss"]) and out["tokens_per_second"] > 0
 
 
 @pytest.mark.parametrize(

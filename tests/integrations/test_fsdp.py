@@ -1,0 +1,124 @@
+"""FSDP2 with context parallelism on 4 gloo ranks (dp 2 x cp 2) equals one process.
+
+Parameters are sharded over all ``dp * cp`` ranks (as torchtitan does); the Trainer (``fsdp="full_shard"``,
+``fsdp_version=2``) with LoRA and gradient checkpointing, saved and resumed, and a plugin loop with
+``fully_shard`` and full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.distributed import run_ranks
+from tests.integrations.test_trainer_callback import _args, _samples
+from tests.integrations.tiny import CONFIG, tiny_lora_llama, token_samples
+
+WORLD, CP = 4, 2
+
+
+def _fsdp_args(output_dir: str, **overrides):
+    return _args(output_dir, fsdp="full_shard", fsdp_config={"fsdp_version": 2}, max_steps=4, save_strategy="steps",
+                 save_steps=2, gradient_checkpointing=True,
+                 gradient_checkpointing_kwargs={"use_reentrant": False}, **overrides)
+
+
+def _trainer(attn: str, output_dir: str, callbacks: list, batch_size: int, fsdp: bool, resume: str | None = None):
+    from transformers import Trainer
+
+    args = (_fsdp_args(output_dir, per_device_train_batch_size=batch_size) if fsdp else
+            _args(output_dir, per_device_train_batch_size=batch_size, max_steps=4, save_strategy="no",
+                  gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}))
+    trainer = Trainer(model=tiny_lora_llama(attn), args=args, train_dataset=_samples(16, seed=1),
+                      eval_dataset=_samples(4, seed=2), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses, trainer.evaluate()["eval_loss"]
+
+
+def _ring_trainer(rank: int, world: int, output_dir: str) -> dict:
+    from hf_ringcp import RingCPCallback
+
+    losses, eval_loss = _trainer("ring", output_dir, [RingCPCallback(cp_size=CP)], 1, fsdp=True)
+    resumed, resumed_eval = _trainer("ring", output_dir + "_resumed", [RingCPCallback(cp_size=CP)], 1, fsdp=True,
+                                     resume=f"{output_dir}/checkpoint-2")
+    return {"losses": losses, "eval": eval_loss, "resumed": resumed, "resumed_eval": resumed_eval}
+
+
+def test_trainer_with_fsdp2_and_context_parallelism_matches_one_process(tmp_path) -> None:
+    per_rank = run_ranks(_ring_trainer, WORLD, str(tmp_path / "ring"), timeout=600)
+    ref_losses, ref_eval = _trainer("sdpa", str(tmp_path / "ref"), [], WORLD // CP, fsdp=False)
+    assert len(ref_losses) == 4
+    for rank, got in enumerate(per_rank):
+        assert got["losses"] == pytest.approx(ref_losses, rel=1e-5), rank
+        assert got["eval"] == pytest.approx(ref_eval, rel=1e-5), rank
+        # Resumed from the sharded checkpoint at step 2: the steps after it are the same steps.
+        assert got["resumed"][2:] == pytest.approx(ref_losses[2:], rel=1e-5), rank
+        assert got["resumed_eval"] == pytest.approx(ref_eval, rel=1e-5), rank
+
+
+def _full_model(attn: str) -> torch.nn.Module:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM._from_config(copy.deepcopy(CONFIG), attn_implementation=attn, dtype=torch.float32)
+
+
+def _plugin_fsdp(rank: int, world: int) -> dict:
+    from accelerate import Accelerator
+    from torch.distributed.fsdp import fully_shard
+    from torch.utils.data import DataLoader
+
+    from hf_ringcp import ContextParallelPlugin
+
+    plugin = ContextParallelPlugin(cp_size=CP)
+    accelerator = Accelerator(cpu=True)
+    plugin.attach(accelerator)
+    out = {}
+    for kind in ("full", "lora"):
+        model = _full_model("ring") if kind == "full" else tiny_lora_llama("ring")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        plugin.prepare_model(model)
+        for layer in model.get_decoder().layers if kind == "full" else model.base_model.model.model.layers:
+            fully_shard(layer)  # over the default group: every dp x cp rank holds a shard
+        fully_shard(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        loader = accelerator.prepare(DataLoader(
+            [{k: s[k] for k in ("input_ids", "labels")} for s in token_samples(6, 16)], batch_size=1))
+        losses = []
+        with plugin.context():
+            for batch in loader:
+                loss = plugin.loss(model, plugin.shard(batch))
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                losses.append(plugin.loss_value(loss))
+        out[kind] = losses
+    return out
+
+
+def _reference_loop(kind: str) -> list[float]:
+    from torch.utils.data import DataLoader
+
+    model = _full_model("sdpa") if kind == "full" else tiny_lora_llama("sdpa")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loader = DataLoader([{k: s[k] for k in ("input_ids", "labels")} for s in token_samples(6, 16)],
+                        batch_size=WORLD // CP)
+    losses = []
+    for batch in loader:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_plugin_loop_with_fully_shard_matches_one_process() -> None:
+    per_rank = run_ranks(_plugin_fsdp, WORLD, timeout=600)
+    for kind in ("full", "lora"):
+        ref = _reference_loop(kind)
+        for rank, got in enumerate(per_rank):
+            assert got[kind] == pytest.approx(ref, rel=1e-5), (kind, rank)
