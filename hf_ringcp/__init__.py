@@ -39,6 +39,7 @@ __version__ = "0.2.0"
 _LAZY = {
     "ContextParallelPlugin": "hf_ringcp.integrations.plugin",
     "RingCPCallback": "hf_ringcp.integrations.trainer_callback",
+    "generate": "hf_ringcp.integrations.generation",
 }
 
 
@@ -57,6 +58,7 @@ __all__ = [
     "causal_lm_loss",
     "chunked_cross_entropy_sum",
     "context_parallel",
+    "generate",
     "get_context",
     "local_positions",
     "offload_to_cpu",

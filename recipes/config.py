@@ -88,8 +88,8 @@ class RecipeConfig:
         "Held-out samples for the perplexity evaluation (generated for passkey; else the first ones of "
         "``eval_dataset``, 0: all).")})
     passkey_eval_lengths: list[int] = field(default_factory=lambda: [1024, 2048], metadata={"help": (
-        "Sequence lengths of the passkey evaluation run before and after training (each split over the CP ranks "
-        "like ``seq_len``).")})
+        "Sequence lengths of the passkey evaluation run before and after training (any length: generation under "
+        "context parallelism pads the prompt itself).")})
     passkey_eval_depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0], metadata={"help": (
         "Where the key sits in each passkey evaluation sample, as a fraction of its length (0.0: start, "
         "1.0: end).")})
@@ -160,11 +160,11 @@ class RecipeConfig:
         return RingConfig(layout=self.layout, comm=self.comm, backend=self.backend, ulysses_size=self.ulysses_size)
 
     def check_lengths(self) -> None:
-        """Every sequence length must split evenly over the CP ranks (recipes build exact lengths, not padding)."""
-        lengths = [("seq_len", self.seq_len)]
-        if not self.skip_passkey_eval:
-            lengths += [("passkey_eval_lengths", n) for n in self.passkey_eval_lengths]
-        for key, n in lengths:
+        """Training samples must split evenly over the CP ranks (recipes build exact lengths, not padding).
+
+        The passkey evaluation generates (``hf_ringcp.generate``), which pads any prompt length itself.
+        """
+        for key, n in [("seq_len", self.seq_len)]:
             if n % self.seq_divisor:
                 rule = self.ring_config.layout_for(self.cp_size).divisor_rule
                 raise ValueError(

@@ -4,7 +4,8 @@
         --config recipes/<recipe>.yaml [--key value ...]
 
 Uses ``transformers.Trainer`` with :class:`hf_ringcp.RingCPCallback`, ``peft`` LoRA and ``datasets``. Prints the
-passkey accuracy before and after training (sharded forward: no rank ever holds the full sequence), the loss
+passkey accuracy before and after training (real generation under context parallelism, ``hf_ringcp.generate``:
+the prompt sharded, the KV cache split over the ranks), the loss
 curve, tokens/s and peak memory; writes the Trainer's outputs (``trainer_state.json``, checkpoints with the
 adapter) and ``results.json`` to ``output_dir``.
 """
@@ -23,7 +24,6 @@ if __package__ in (None, ""):  # run as a script: make `recipes` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import torch.distributed as dist
 
 from recipes.config import RecipeConfig, load_recipe, parse_overrides
 
@@ -126,13 +126,14 @@ def build_datasets(cfg: RecipeConfig, tokenizer):
 
 @torch.no_grad()
 def passkey_accuracy(model, tokenizer, cfg: RecipeConfig, plugin) -> dict[str, float]:
-    """Teacher-forced passkey accuracy per (length, depth), from the sharded forward of each CP group.
+    """Passkey accuracy per (length, depth) by real greedy generation under context parallelism.
 
-    Each rank computes logits only at its local answer-predicting positions (``logits_to_keep``), so no rank
-    holds full-sequence logits or tokens; hits are summed over the CP group. A sample counts as retrieved when
-    every digit of the key is predicted.
+    Every rank of a CP group runs :func:`hf_ringcp.generate` on the same prompt: the prompt goes through the ring
+    sharded and the decode steps read a KV cache split over the group, so no rank holds the whole sequence's
+    activations or cache. A sample counts as retrieved when the first number generated is the key.
     """
-    from recipes.passkey import generate_passkey_samples
+    import hf_ringcp
+    from recipes.passkey import generate_passkey_samples, score_passkey
 
     model.eval()
     cells: dict[str, list[float]] = {}
@@ -142,17 +143,13 @@ def passkey_accuracy(model, tokenizer, cfg: RecipeConfig, plugin) -> dict[str, f
     )
     device = next(model.parameters()).device
     for sample in samples:
-        batch = {"input_ids": torch.tensor([sample.input_ids]), "labels": torch.tensor([sample.labels])}
-        sharded = {k: v.to(device) if torch.is_tensor(v) else v for k, v in plugin.shard(batch).items()}
-        targets = sharded.pop("shift_labels")
-        keep = (targets[0] != -100).nonzero().flatten()
-        with plugin.context():  # every CP rank joins the ring, even one holding no answer position
-            logits = model(**sharded, logits_to_keep=keep, use_cache=False).logits
-        hits = torch.tensor([(logits.argmax(-1)[0] == targets[0, keep]).sum().item(), len(keep)],
-                            dtype=torch.float64, device=device)
-        dist.all_reduce(hits, group=plugin.cp_group)
+        prompt = torch.tensor([sample.prompt_ids], device=device)
+        out = hf_ringcp.generate(model, prompt, group=plugin.cp_group, layout=cfg.layout, comm=cfg.comm,
+                                 max_new_tokens=len(sample.answer_ids) + 1, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        retrieved = score_passkey(out[0, prompt.shape[1]:], sample.key, tokenizer)
         cell = f"len={sample.seq_len} depth={sample.depth:g}"
-        cells.setdefault(cell, []).append(float(hits[0] == hits[1]))
+        cells.setdefault(cell, []).append(float(retrieved))
     model.train()
     return {cell: sum(v) / len(v) for cell, v in cells.items()}
 

@@ -33,6 +33,7 @@ from transformers.masking_utils import (
 
 from hf_ringcp.integrations.batch import SHARD_KEY, ShardInfo, is_shard_mask, position_fingerprint
 from hf_ringcp.integrations.context import RingContext, get_context, make_context
+from hf_ringcp.integrations.generation import decode_step, decoding_cache
 from hf_ringcp.integrations.models import needs_preparation
 from hf_ringcp.ring import local_positions, ring_attention
 from hf_ringcp.ring.group import group_rank_and_size
@@ -50,8 +51,9 @@ _INSTEAD = "use attn_implementation='sdpa' (without context parallelism) for thi
 _SHARD = ("pass the batch through hf_ringcp.shard_batch (it reads padding and packed documents) and give the model "
           "all of its output")
 _GENERATE = (
-    "generate() and KV caches do not run inside hf_ringcp.context_parallel: call model.generate() outside the "
-    "`with` block (there \"ring\" is plain SDPA), and pass use_cache=False to forwards inside it"
+    "KV caches do not run inside hf_ringcp.context_parallel: for generation under context parallelism call "
+    "hf_ringcp.generate(model, input_ids, group=...) (outside the `with` block), or model.generate() outside it "
+    "(there \"ring\" is plain SDPA); pass use_cache=False to forwards inside it"
 )
 
 
@@ -83,6 +85,8 @@ def ring_attention_mask(
     raise, as do mask overlays (``or_mask_function``/``and_mask_function``), chunked attention and bidirectional
     masks.
     """
+    if decoding_cache() is not None:
+        return None  # hf_ringcp.generate's decode steps: the sharded cache knows each key's row and position
     ctx = get_context()
     from_shard = attention_mask is not None and is_shard_mask(attention_mask)
     if from_shard and not bool(attention_mask.all()):
@@ -200,6 +204,19 @@ def _window_of(module: torch.nn.Module, kwargs: dict[str, Any]) -> int | None:
     return None if window is None else int(window)
 
 
+def _check_scores(kwargs: dict[str, Any]) -> None:
+    """What changes the attention scores themselves (prefill and decode alike)."""
+    if kwargs.get("softcap") is not None:
+        _fail(
+            f"logit soft-capping (softcap={kwargs['softcap']})",
+            "no ring kernel applies it; train this model without context parallelism with "
+            "attn_implementation='eager' (transformers' only implementation that soft-caps)",
+        )
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            _fail(what, _INSTEAD)
+
+
 def _check_supported(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
     dropout: float, kwargs: dict[str, Any], ctx: RingContext,
@@ -219,15 +236,7 @@ def _check_supported(
             f"attention dropout (dropout={dropout})",
             "set config.attention_dropout=0 (e.g. from_pretrained(..., attention_dropout=0.0)) or call model.eval()",
         )
-    if kwargs.get("softcap") is not None:
-        _fail(
-            f"logit soft-capping (softcap={kwargs['softcap']})",
-            "no ring kernel applies it; train this model without context parallelism with "
-            "attn_implementation='eager' (transformers' only implementation that soft-caps)",
-        )
-    for name, what in _UNSUPPORTED_KWARGS.items():
-        if kwargs.get(name) is not None:
-            _fail(what, _INSTEAD)
+    _check_scores(kwargs)
     for name in _PACKING_KWARGS:
         if kwargs.get(name) is not None:
             _fail(f"packed-sequence kwargs given to the model (`{name}`)", _SHARD)
@@ -306,6 +315,9 @@ def ring_attention_forward(
         over the keys of its own document at global positions ``<=`` its own (within the layer's sliding
         window), across the ranks of the active group.
     """
+    if decoding_cache() is not None:
+        _check_scores(kwargs)
+        return decode_step(module, query, scaling, kwargs, _window_of(module, kwargs)), None
     ctx = get_context()
     info = kwargs.get(SHARD_KEY)
     padded_shard, _PADDED_SHARD.seen = _PADDED_SHARD.seen, False

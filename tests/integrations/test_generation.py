@@ -1,0 +1,133 @@
+"""hf_ringcp.generate on gloo ranks equals single-process model.generate token for token.
+
+Greedy parity for P in {2, 3, 4}, both balanced layouts, prompt lengths that do and do not split, a left-padded
+batch of 2, grouped-query attention, a sliding window; sampling agrees across ranks; every cached token lives on
+one rank (the cache is 1/P per rank, not replicated); what cannot work is refused by name.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.distributed import run_ranks
+
+NEW = 6
+
+
+def _config(window: int | None = None):
+    from transformers import LlamaConfig, MistralConfig
+
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+                  initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    # A large initializer range: peaked logits, so greedy decoding has no near-ties to flip on rounding.
+    return MistralConfig(sliding_window=window, **common) if window else LlamaConfig(**common)
+
+
+def _model(attn: str, window: int | None = None):
+    from transformers import AutoModelForCausalLM
+
+    import hf_ringcp  # noqa: F401
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(copy.deepcopy(_config(window)), attn_implementation=attn,
+                                            dtype=torch.float32).eval()
+
+
+def _prompts():
+    """(name, input_ids, attention_mask): lengths that split over 2..4 ranks and lengths that do not; left padding."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 97, (2, 23), generator=g)
+    left = torch.ones(2, 23, dtype=torch.long)
+    left[1, :9] = 0
+    return [
+        ("one row, 25 tokens", torch.randint(1, 97, (1, 25), generator=g), None),
+        ("two rows, 24 tokens", torch.randint(1, 97, (2, 24), generator=g), None),
+        ("left-padded batch", ids * left, left),
+        ("one token", torch.randint(1, 97, (1, 1), generator=g), None),
+    ]
+
+
+def _reference(window: int | None = None) -> list[torch.Tensor]:
+    model = _model("sdpa", window)
+    return [model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+            for _, ids, mask in _prompts()]
+
+
+def _greedy(rank: int, world: int, layout: str, window: int | None) -> list[torch.Tensor]:
+    import hf_ringcp
+
+    model = _model("ring", window)
+    return [hf_ringcp.generate(model, ids, attention_mask=mask, layout=layout, max_new_tokens=NEW, do_sample=False)
+            for _, ids, mask in _prompts()]
+
+
+@pytest.mark.parametrize("world,layout", [(2, "zigzag"), (3, "contiguous"), (4, "zigzag")])
+def test_greedy_generation_matches_one_process(world: int, layout: str) -> None:
+    expected = _reference()
+    for rank, got in enumerate(run_ranks(_greedy, world, layout, None, timeout=600)):
+        for (name, ids, _), want, out in zip(_prompts(), expected, got):
+            assert out.shape == (ids.shape[0], ids.shape[1] + NEW), (name, rank)
+            assert torch.equal(out, want), f"{name}, rank {rank} of {world}: {out.tolist()} != {want.tolist()}"
+
+
+def test_greedy_generation_with_a_sliding_window() -> None:
+    expected = _reference(window=8)
+    for rank, got in enumerate(run_ranks(_greedy, 2, "zigzag", 8, timeout=600)):
+        for (name, _, _), want, out in zip(_prompts(), expected, got):
+            assert torch.equal(out, want), (name, rank)
+
+
+def _cache_and_sampling(rank: int, world: int) -> dict:
+    import hf_ringcp
+
+    model = _model("ring")
+    _, ids, mask = _prompts()[2]
+    out = hf_ringcp.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                             return_dict_in_generate=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    torch.manual_seed(1234 + 0 * rank)  # (only rank 0's random state matters)
+    sampled = hf_ringcp.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, do_sample=True,
+                                 temperature=3.0)
+    errors = {}
+    for name, kwargs in {"beam": dict(num_beams=2), "assisted": dict(prompt_lookup_num_tokens=2),
+                         "contrastive": dict(penalty_alpha=0.5, top_k=4)}.items():
+        try:
+            hf_ringcp.generate(model, ids, attention_mask=mask, max_new_tokens=2, **kwargs)
+        except ValueError as err:
+            errors[name] = str(err)
+    right = torch.ones_like(mask)
+    right[1, -3:] = 0
+    try:
+        hf_ringcp.generate(model, ids, attention_mask=right, max_new_tokens=2)
+    except ValueError as err:
+        errors["right"] = str(err)
+    try:
+        hf_ringcp.generate(model, ids + rank, max_new_tokens=2)
+    except ValueError as err:
+        errors["different"] = str(err)
+    return {"tokens": out.sequences, "local": cache.local_tokens(), "sampled": sampled, "errors": errors,
+            "rows": [layer.keys.shape[2] for layer in cache.layers]}
+
+
+def test_sharded_cache_sampling_and_refusals() -> None:
+    world = 3
+    results = run_ranks(_cache_and_sampling, world, timeout=600)
+    _, ids, mask = _prompts()[2]
+    # Every token the model ran on is cached once: the prompt's real tokens, then the generated ones but the last.
+    expected_tokens = int(mask.sum()) + (NEW - 1) * ids.shape[0]
+    local = [r["local"] for r in results]
+    assert sum(local) == expected_tokens
+    assert max(local) <= expected_tokens / world + 2 * ids.shape[0] + 2 * world, local  # ~1/P each
+    for r in results:
+        assert torch.equal(r["tokens"], results[0]["tokens"])
+        assert torch.equal(r["sampled"], results[0]["sampled"]), "sampling differs between ranks"
+        errors = r["errors"]
+        assert "beam search" in errors["beam"] and "prompt-lookup" in errors["assisted"]
+        assert "contrastive" in errors["contrastive"]
+        assert "padding_side = 'left'" in errors["right"]
+        assert "different prompts" in errors["different"]
+    assert not torch.equal(results[0]["sampled"], results[0]["tokens"]), "temperature 3 sampling looked greedy"
