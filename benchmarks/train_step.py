@@ -70,6 +70,7 @@ import torch.nn.functional as F
 
 import hf_ringcp
 from benchmarks.common import cuda_time_ms, env_info, markdown_table, write_results
+from hf_ringcp.integrations.kernels import liger_available
 from hf_ringcp.integrations.memory import offload_to_cpu, tile_mlp
 from hf_ringcp.integrations.metrics import lora_train_flops_per_token, peak_memory_gib
 
@@ -100,14 +101,25 @@ class Variant:
     stock_loss: bool = False
     memory: bool = False  # offload_to_cpu + tile_mlp
     lora_bf16: bool = False
+    prefetch: bool = True  # memory: offload_to_cpu(prefetch=...)
+    liger: tuple[str, ...] = ()  # liger-kernel's fused kernels (hf_ringcp.integrations.kernels.KERNELS)
+    compile: bool = False  # torch.compile of every decoder layer (the ring attention is a graph break)
 
 
+_ALL_LIGER = ("rms_norm", "swiglu", "rope")
 VARIANTS = {
     "stock": Variant("sdpa", stock_loss=True),
     "ours": Variant("ring"),
     "ours_cudnn": Variant("ring_kernels"),
     "ours_mem": Variant("best", memory=True),
+    "ours_mem_no_prefetch": Variant("best", memory=True, prefetch=False),
+    "ours_mem_bf16": Variant("best", memory=True, lora_bf16=True),
     "ours_cudnn_bf16": Variant("ring_kernels", lora_bf16=True),
+    "ours_bf16": Variant("ring", lora_bf16=True),
+    **{f"ours_bf16_liger_{k}": Variant("ring", lora_bf16=True, liger=(k,)) for k in _ALL_LIGER},
+    "ours_bf16_liger": Variant("ring", lora_bf16=True, liger=_ALL_LIGER),
+    "ours_bf16_compile": Variant("ring", lora_bf16=True, compile=True),
+    "ours_fast": Variant("ring", lora_bf16=True, liger=_ALL_LIGER, compile=True),
 }
 
 
@@ -121,6 +133,43 @@ def cudnn_rate(s: int) -> float:
             w = (math.log2(s) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
             return CUDNN_TFLOPS[lo] + w * (CUDNN_TFLOPS[hi] - CUDNN_TFLOPS[lo])
     return CUDNN_TFLOPS[xs[-1]]
+
+
+@contextlib.contextmanager
+def _liger(model: torch.nn.Module, kinds: tuple[str, ...]):
+    """liger-kernel's kernels on ``model`` for one variant, then Transformers' layers again."""
+    from transformers.models.llama import modeling_llama
+
+    from hf_ringcp.integrations.kernels import KERNELS, apply_liger_kernels
+
+    names = ("forward", "extra_repr", "_get_name")
+    rope = modeling_llama.apply_rotary_pos_emb
+    before = {m: {k for k in names if k in m.__dict__} for m in model.modules()}
+    apply_liger_kernels(model, **{k: k in kinds for k in KERNELS})
+    try:
+        yield
+    finally:
+        modeling_llama.apply_rotary_pos_emb = rope  # liger patches the module function
+        for m, keys in before.items():
+            for k in names:
+                if k in m.__dict__ and k not in keys:
+                    del m.__dict__[k]
+
+
+@contextlib.contextmanager
+def _compiled_layers(layers):
+    """``torch.compile`` of every decoder layer in place (``nn.Module.compile``), undone afterwards."""
+    import torch._dynamo
+
+    # Should a layer's own attributes (layer_idx) be guarded on, each layer compiles once: let all of them.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
+    for layer in layers:
+        layer.compile()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None
 
 
 class FakeOOM:
@@ -167,7 +216,8 @@ class Bench:
         self.capacity_gib = (torch.cuda.get_device_properties(0).total_memory / 2**30) if self.cuda else None
         self.fake_oom = None
         if args.dry_run:
-            self.fake_oom = FakeOOM(dict(stock=384, ours=768, ours_cudnn=768, ours_cudnn_bf16=768, ours_mem=1200))
+            self.fake_oom = FakeOOM(dict(stock=384, ours=768, ours_cudnn=768, ours_cudnn_bf16=768, ours_bf16=768,
+                                         ours_mem=1200))
             self.inner.get_decoder().register_forward_pre_hook(self.fake_oom, with_kwargs=True)
         self.rows: list[dict[str, Any]] = []
         self.best_attn: str | None = None
@@ -257,7 +307,7 @@ class Bench:
             loss.backward()
         else:
             with self.context(v):
-                ctx = offload_to_cpu() if v.memory else contextlib.nullcontext()
+                ctx = offload_to_cpu(prefetch=v.prefetch) if v.memory else contextlib.nullcontext()
                 with ctx as stats:
                     loss = hf_ringcp.causal_lm_loss(model, batch["sharded"], chunk_size=self.args.chunk_size)
                 if first:
@@ -266,16 +316,33 @@ class Bench:
                     if stats is not None:
                         info["offloaded_gib"] = stats.bytes / 2**30
                 loss.backward()
+                if first and stats is not None:
+                    info["prefetched"] = f"{stats.prefetched}/{stats.tensors}"
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
+
+    def setup(self, v: Variant) -> contextlib.ExitStack:
+        """The variant's changes to the model (liger kernels, then MLP tiles over them, compiled layers)."""
+        stack = contextlib.ExitStack()
+        if v.liger:
+            stack.enter_context(_liger(self.model, v.liger))
+        if v.memory:
+            stack.enter_context(tile_mlp(self.model, self.args.tile_tokens))
+        if v.compile:
+            stack.enter_context(_compiled_layers(self.inner.get_decoder().layers))
+        return stack
 
     def measure(self, name: str, s: int, warmup: int | None = None, iters: int | None = None,
                 probe: bool = False) -> dict[str, Any]:
         v = VARIANTS[name]
         attn = self.attn_of(v)
         row: dict[str, Any] = dict(variant=name, attn=self.attn_label(attn), seq_len=s, probe=probe,
-                                   lora_dtype="bf16" if v.lora_bf16 else "fp32", memory_savers=v.memory)
+                                   lora_dtype="bf16" if v.lora_bf16 else "fp32", memory_savers=v.memory,
+                                   liger=",".join(v.liger), compiled=v.compile)
+        if v.liger and not liger_available():
+            row["status"] = "skipped (liger-kernel not installed, or no CUDA)"
+            return self.record(row)
         smaller_oom = [r for r in self.rows if r["variant"] == name and r["status"] == "OOM" and r["seq_len"] < s]
         if smaller_oom:
             row["status"] = f"OOM (not run: OOM at {smaller_oom[0]['seq_len'] // K}K)"
@@ -299,7 +366,7 @@ class Bench:
         if not v.stock_loss:
             batch["sharded"] = hf_ringcp.shard_batch({"input_ids": ids, "labels": ids})
         opt = self.reset_lora(v.lora_bf16)
-        tiles = tile_mlp(self.model, self.args.tile_tokens) if v.memory else None
+        variant_setup = self.setup(v)
         self.free()
         times: list[float] = []
         oom = None
@@ -316,8 +383,7 @@ class Bench:
         except torch.OutOfMemoryError as e:  # `e` (and its traceback, holding the step's tensors) dies here
             oom = str(e).splitlines()[0][:200]
         finally:
-            if tiles is not None:
-                tiles.remove()
+            variant_setup.close()
         del opt, batch
         self.free_after(row)
         if oom is not None:
@@ -402,6 +468,46 @@ class Bench:
                  f"{result['predicted_ceiling']} ({result.get('note', '')})")
         return result
 
+    # ------------------------------------------------------------------------------------------ loss curve
+
+    def loss_curve(self, steps: int, s: int, lr: float, fixed: bool) -> dict[str, Any]:
+        """``steps`` optimizer steps of float32 and of bf16 adapters from the same start, on the same batches.
+
+        Each batch is a random half-sequence followed by its copy: a fresh one per step (learnable only as
+        copying, which a random-weight model does not pick up in 50 steps), or with ``fixed`` the same one every
+        step (memorisation: the loss falls, so the adapters' precision can show); compared step by step.
+        """
+        curves: dict[str, list[float]] = {}
+        t0 = time.perf_counter()
+        for name in ("ours", "ours_bf16"):
+            v = VARIANTS[name]
+            self.set_attn(self.attn_of(v))
+            opt = self.reset_lora(v.lora_bf16)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            losses = []
+            for i in range(steps):
+                g = torch.Generator().manual_seed(0 if fixed else i)
+                half = torch.randint(0, self.config.vocab_size, (1, s // 2), generator=g)
+                ids = torch.cat([half, half], dim=1).to(self.device)
+                batch = {"sharded": hf_ringcp.shard_batch({"input_ids": ids, "labels": ids})}
+                losses.append(float(self.step(v, batch, opt, first=False, info={})))
+            curves[name] = losses
+            del opt
+            self.free()
+        fp32, bf16 = curves["ours"], curves["ours_bf16"]
+        tail = max(1, steps // 5)
+        result = dict(
+            steps=steps, seq_len=s, lr=lr, fixed_batch=fixed, curves=curves, seconds=round(time.perf_counter() - t0, 1),
+            first_loss=fp32[0], final_fp32=statistics.mean(fp32[-tail:]), final_bf16=statistics.mean(bf16[-tail:]),
+            max_abs_diff=max(abs(a - b) for a, b in zip(fp32, bf16)),
+        )
+        result["final_rel_diff"] = (result["final_bf16"] - result["final_fp32"]) / result["final_fp32"]
+        self.log(f"loss curve ({steps} steps, S={s}, lr {lr}): fp32 {fp32[0]:.4f} -> {result['final_fp32']:.4f}, "
+                 f"bf16 -> {result['final_bf16']:.4f} (mean of the last {tail}; rel diff "
+                 f"{result['final_rel_diff']:+.2%}), max |diff| {result['max_abs_diff']:.4f}")
+        return result
+
     # --------------------------------------------------------------------------------------------- profile
 
     def profile(self, name: str, s: int) -> dict[str, Any]:
@@ -416,7 +522,7 @@ class Bench:
         ids = ids.to(self.device)
         batch = {"input_ids": ids, "labels": ids, "sharded": hf_ringcp.shard_batch({"input_ids": ids, "labels": ids})}
         opt = self.reset_lora(v.lora_bf16)
-        tiles = tile_mlp(self.model, self.args.tile_tokens) if v.memory else None
+        variant_setup = self.setup(v)
         info: dict[str, Any] = {}
         try:
             self.step(v, batch, opt, first=False, info=info)
@@ -428,8 +534,7 @@ class Bench:
                 self.sync()
             wall = time.perf_counter() - t0
         finally:
-            if tiles is not None:
-                tiles.remove()
+            variant_setup.close()
         del opt, batch
         self.free()
         averages = prof.key_averages()
@@ -562,8 +667,8 @@ def plan(seqlens: list[int]) -> list[tuple[str, int]]:
     return points
 
 
-COLUMNS = ["variant", "attn", "seq_len", "status", "step_s", "tokens_per_s", "mfu_989", "mfu_731", "pct_of_ideal",
-           "peak_gib", "after_fwd_gib", "offloaded_gib", "loss"]
+COLUMNS = ["variant", "attn", "seq_len", "status", "step_s", "first_step_s", "tokens_per_s", "mfu_989", "mfu_731",
+           "pct_of_ideal", "peak_gib", "after_fwd_gib", "offloaded_gib", "prefetched", "loss"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -586,6 +691,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-self-check", action="store_true")
     p.add_argument("--no-attention-probe", action="store_true")
     p.add_argument("--profile", nargs="*", default=[], help="VARIANT:S points to profile (one step each, at the end)")
+    p.add_argument("--loss-curve", default=None, metavar="STEPS:S",
+                   help="float32 against bf16 adapters over STEPS steps at S tokens (before the points)")
+    p.add_argument("--loss-curve-lr", type=float, default=2e-4)
+    p.add_argument("--loss-curve-fixed", action="store_true", help="the same batch every step (memorisation)")
     p.add_argument("--out", default=None, help="results folder (default: benchmarks/results; dry run: none)")
     args = p.parse_args(argv)
     if args.dry_run:
@@ -617,11 +726,16 @@ def main(argv: list[str] | None = None) -> int:
             extra["self_check"] = bench.self_check()
         if not args.no_attention_probe:
             extra["attention"] = [bench.attention_probe(min(args.best_attn_at, max(args.seqlens)))]
+        if args.loss_curve:
+            steps, s = (int(x) for x in args.loss_curve.split(":"))
+            extra["loss_curve"] = bench.loss_curve(steps, s, args.loss_curve_lr, args.loss_curve_fixed)
         points = plan(args.seqlens)
-        if args.points:
+        probes = set()
+        if args.points:  # VARIANT:S, or VARIANT:S:probe for one step without warm-up
             points = [(x.split(":")[0], int(x.split(":")[1])) for x in args.points]
-        for name, s in points:
-            if args.points_as_probes:
+            probes = {i for i, x in enumerate(args.points) if x.endswith(":probe") or args.points_as_probes}
+        for i, (name, s) in enumerate(points):
+            if i in probes:
                 bench.measure(name, s, warmup=0, iters=1, probe=True)
                 continue
             if name == "ours_mem" and bench.best_attn is None:

@@ -92,7 +92,19 @@ def load_model_and_tokenizer(cfg: RecipeConfig):
         target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
         modules_to_save=["embed_tokens", "norm"] if cfg.train_embeddings_and_norms else None,
     )
-    return get_peft_model(model, lora), tokenizer
+    # peft would cast the adapters to float32 ("autocast"); lora_dtype: bfloat16 keeps them in half precision.
+    peft_model = get_peft_model(model, lora, autocast_adapter_dtype=cfg.lora_dtype == "float32")
+    if cfg.lora_dtype != "float32":
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(getattr(torch, cfg.lora_dtype))
+    if cfg.liger_kernels is not False:
+        from hf_ringcp.integrations.kernels import apply_liger_kernels
+
+        applied = apply_liger_kernels(peft_model, when="always" if cfg.liger_kernels is True else "available")
+        if applied:
+            _print(f"liger-kernel: fused {', '.join(applied)}")
+    return peft_model, tokenizer
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:

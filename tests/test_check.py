@@ -27,7 +27,7 @@ from transformers import (
 
 from hf_ringcp.check import EXIT_ERROR, EXIT_MISMATCH, EXIT_PASS, EXIT_REFUSED, CheckSpec, judge, shrink_config
 from hf_ringcp.check.cli import main
-from hf_ringcp.check.rank import ATTENTION, LAYER, check_rank
+from hf_ringcp.check.rank import ATTENTION, LAYER, check_rank, worst_gradient
 from hf_ringcp.check.report import format_text
 from hf_ringcp.check.spec import Tolerances
 from hf_ringcp.ring.p2p import P2PRing
@@ -149,6 +149,16 @@ def test_cli_errors_exit_3(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     with pytest.raises(SystemExit) as bad:
         main(["--model", str(tmp_path), "--padded", "middle"])
     assert bad.value.code == EXIT_ERROR  # not argparse's 2, which means "refused" here
+    LlamaConfig(**TINY, tie_word_embeddings=False).save_pretrained(tmp_path)
+    capsys.readouterr()
+    # Settings that do not fit the group are the user's error (3), not a refusal of the model (2).
+    assert main(["--model", str(tmp_path), "--cp", "2", "--ulysses-size", "3", "--json"]) == EXIT_ERROR
+    assert "must divide the CP size" in json.loads(capsys.readouterr().out)["message"]
+
+
+def test_a_nan_gradient_is_the_worst() -> None:
+    assert worst_gradient({"a": 1e-6, "b": float("nan"), "c": 1e-3}) == "b"
+    assert worst_gradient({"a": 1e-6, "c": 1e-3}) == "c" and worst_gradient({}) is None
 
 
 # ------------------------------------------------------------------------------------------------ report

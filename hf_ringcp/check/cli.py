@@ -200,7 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     shrunk.notes += _window_notes(shrunk.config, spec.seq_len)
     extra.update(settings=spec.describe(), tolerances=asdict(tolerances), shrunk=shrunk.changes, kept=shrunk.kept,
                  notes=shrunk.notes, layers_kept=shrunk.layers)
-    result = judge(run_check(spec, timeout=args.timeout), tolerances, getattr(spec.config, "layer_types", None))
+    try:
+        result = judge(run_check(spec, timeout=args.timeout), tolerances, getattr(spec.config, "layer_types", None))
+    except Exception as err:  # e.g. a process group that did not form under torchrun: an error, never "mismatch"
+        result = {"status": "error", "message": f"{type(err).__name__}: {err}", "exit_code": EXIT_ERROR}
+        _report(args, result, extra, [f"hf_ringcp.check: {args.model}"], tolerances)
+        return EXIT_ERROR
     result["seconds"] = round(time.monotonic() - started, 1)
     _report(args, result, extra, _header(args, spec, shrunk, result.get("reference")), tolerances)
     return result["exit_code"]

@@ -9,6 +9,7 @@ gathered and reduced first). Judging them is :func:`hf_ringcp.check.report.judge
 from __future__ import annotations
 
 import copy
+import math
 import os
 import traceback
 from pathlib import Path
@@ -239,6 +240,13 @@ def _grad_errors(ring: dict[str, torch.Tensor | None], ref: dict[str, torch.Tens
     return errors
 
 
+def worst_gradient(errors: dict[str, float]) -> str | None:
+    """The gradient with the largest error, a NaN above any number (``max`` alone would skip a NaN)."""
+    if not errors:
+        return None
+    return max(errors, key=lambda name: (math.isnan(errors[name]), errors[name]))
+
+
 def measure(ring: dict[str, Any], ref: dict[str, Any], real: torch.Tensor) -> dict[str, Any]:
     """The relative errors of the ring's step against the reference's (plain floats), see :func:`check_rank`."""
     grads = _grad_errors(ring["grads"], ref["grads"])
@@ -248,7 +256,7 @@ def measure(ring: dict[str, Any], ref: dict[str, Any], real: torch.Tensor) -> di
         for i, name, tensor in ring["order"]
         if (i, tensor) in ring["hidden"] and (i, tensor) in ref["hidden"]
     ]
-    worst = max(grads, key=grads.get) if grads else None
+    worst = worst_gradient(grads)
     return {
         "status": "ran",
         "errors": {

@@ -67,6 +67,12 @@ class CheckSpec:
             raise ValueError(f"`cp` must be at least 2 (with one rank the ring is plain SDPA), but got {self.cp}.")
         if self.seq_len < 4:
             raise ValueError(f"`seq_len` must be at least 4, but got {self.seq_len}.")
+        # Settings that do not fit the group are the user's to fix (exit 3), not a refusal of their model (2).
+        from hf_ringcp.ring.config import RingConfig
+
+        ring = RingConfig(layout=self.layout, comm=self.comm, backend=self.backend, ulysses_size=self.ulysses_size)
+        if ring.ulysses_size != "auto":
+            ring.check_world(self.cp)
 
     @property
     def batch_kind(self) -> str:

@@ -19,6 +19,7 @@ search and sampling give the same tokens on every rank.
 from __future__ import annotations
 
 import inspect
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -44,8 +45,13 @@ _REFUSED = {
     "assistant_early_exit": (lambda v: v is not None, "self-speculative decoding (`assistant_early_exit`)"),
     "dola_layers": (lambda v: v is not None, "DoLa decoding (`dola_layers`)"),
     "prefill_chunk_size": (lambda v: v is not None, "chunked prefill (`prefill_chunk_size`; the ring prefills)"),
-    "cache_implementation": (lambda v: v is not None, "`cache_implementation` (the cache is the sharded one)"),
+    "cache_implementation": (lambda v: v is not None, "`cache_implementation` (the cache is the sharded one; if "
+                             "the model's generation_config sets it, set model.generation_config.cache_implementation "
+                             "= None)"),
     "output_attentions": (lambda v: bool(v), "`output_attentions` (the ring computes no attention weights)"),
+    "output_hidden_states": (lambda v: bool(v), "`output_hidden_states` (the prompt's hidden states stay sharded)"),
+    "max_time": (lambda v: v is not None, "`max_time` (a wall-clock limit would stop the ranks at different steps "
+                 "and leave the others waiting; use max_new_tokens)"),
     "custom_generate": (lambda v: v is not None, "`custom_generate`"),
 }
 _ARGUMENTS = ("past_key_values", "cache", "inputs_embeds", "position_ids")
@@ -183,7 +189,7 @@ class ShardedCache(Cache):
         return cols
 
     def local_tokens(self) -> int:
-        """Real tokens cached on this rank, summed over layers' first layer (every layer holds the same ones)."""
+        """Real tokens cached on this rank (per layer: every layer holds the same tokens)."""
         return self.layers[0].local_tokens()
 
 
@@ -247,20 +253,27 @@ def _check_arguments(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
                              "parallelism.")
 
 
-def _check_same_prompt(input_ids: torch.Tensor, mask: torch.Tensor, group: dist.ProcessGroup | None,
-                       world: int) -> None:
-    """Every rank must hold the same prompt (a different one would silently mix prompts); one small all-gather."""
-    weights = torch.arange(1, input_ids.numel() + 1, dtype=torch.long, device=input_ids.device)
+def _fingerprint(t: torch.Tensor) -> list[int]:
+    flat = t.reshape(-1).long()
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.long, device=flat.device)
     # int64 sums wrap around identically on every rank, which is all a fingerprint needs.
-    mine = torch.stack([torch.tensor(input_ids.shape[0]), torch.tensor(input_ids.shape[1]),
-                        (input_ids.reshape(-1).long() * weights).sum().cpu(),
-                        (mask.reshape(-1).long() * weights).sum().cpu()]).to(collective_device(group))
-    every = mine.new_empty(world * 4)
+    return [t.dim(), flat.numel(), t.shape[0] if t.dim() else -1, int((flat * weights).sum())]
+
+
+def _check_same_prompt(input_ids: torch.Tensor, mask: torch.Tensor, settings: dict[str, Any],
+                       group: dist.ProcessGroup | None, world: int) -> None:
+    """Every rank must hold the same prompt and settings (different ones would mix prompts or stop the ranks at
+    different steps); one small all-gather, before any check that could fail on some ranks only."""
+    plain = sorted((k, v) for k, v in settings.items() if isinstance(v, (bool, int, float, str, type(None))))
+    mine = torch.tensor(_fingerprint(input_ids) + _fingerprint(mask) + [zlib.crc32(repr(plain).encode())],
+                        dtype=torch.long, device=collective_device(group))
+    every = mine.new_empty(world * mine.numel())
     all_gather_single(every, mine, group=group)
-    every = every.view(world, 4)
+    every = every.view(world, -1)
     if not bool((every == every[0]).all()):
         raise ValueError("hf_ringcp.generate: the ranks of the context-parallel group were given different prompts "
-                         "(or attention masks); pass every rank the same full `input_ids`.")
+                         "(or attention masks, or generate() settings); pass every rank the same full `input_ids` "
+                         "and arguments.")
 
 
 def _left_padded(mask: torch.Tensor) -> None:
@@ -304,27 +317,31 @@ def _prompt_rows(shard: dict[str, Any], rows: torch.Tensor, columns: int, batch:
 
 
 @contextmanager
-def _shared_random_state(group: dist.ProcessGroup | None) -> Iterator[None]:
-    """Run the block with rank 0's random state on every rank (so sampling agrees); restore the others' after."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
+def _shared_random_state(group: dist.ProcessGroup | None, model_device: torch.device) -> Iterator[None]:
+    """Run the block with rank 0's random state on every rank (so sampling agrees); restore the others' after.
+
+    The CPU generator and, for a model on a GPU, that GPU's (the one its sampling draws from, which need not
+    be the current device).
+    """
+    cuda = model_device if model_device.type == "cuda" else None
+    with torch.random.fork_rng(devices=[cuda] if cuda is not None else []):
         device = collective_device(group)
         src = global_rank(group, 0)
-        states = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if devices else [])
+        states = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(cuda)] if cuda is not None else [])
         shared = []
         for state in states:
             buffer = state.to(device)
             dist.broadcast(buffer, src=src, group=group)
             shared.append(buffer.cpu())
         torch.set_rng_state(shared[0])
-        if devices:
-            torch.cuda.set_rng_state(shared[1])
+        if cuda is not None:
+            torch.cuda.set_rng_state(shared[1], cuda)
         yield
-        kept = (torch.get_rng_state(), torch.cuda.get_rng_state() if devices else None)
+        kept = (torch.get_rng_state(), torch.cuda.get_rng_state(cuda) if cuda is not None else None)
     if dist.get_rank(group) == 0:  # rank 0's stream advances as it would have without the ring
         torch.set_rng_state(kept[0])
-        if devices:
-            torch.cuda.set_rng_state(kept[1])
+        if cuda is not None:
+            torch.cuda.set_rng_state(kept[1], cuda)
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
@@ -340,9 +357,10 @@ def generate(
 ) -> Any:
     """``model.generate`` with the prompt sharded over the context-parallel group and a sharded KV cache.
 
-    Call it on every rank of ``group`` with the same prompt. Greedy search and sampling work (with
-    ``max_new_tokens``, ``eos_token_id``, stopping criteria, logits processors, ``pad_token_id``, batches);
-    beam search, assisted/speculative and contrastive decoding are refused by name.
+    Call it on every rank of ``group`` with the same prompt and arguments (checked). Greedy search and sampling
+    work (with ``max_new_tokens``, ``eos_token_id``, stop strings, logits processors, ``pad_token_id``, batches;
+    custom stopping criteria must decide from the tokens alone, so that every rank stops at the same step);
+    beam search, assisted/speculative and contrastive decoding and ``max_time`` are refused by name.
 
     Args:
         model: a causal LM loaded with ``attn_implementation="ring"`` (possibly peft-wrapped).
@@ -363,10 +381,13 @@ def generate(
     rank, world = group_rank_and_size(group)
     if world == 1:
         return model.generate(input_ids, attention_mask=attention_mask, **generate_kwargs)
-    _check_arguments(model, generate_kwargs)
-    if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
-        raise ValueError(f"`input_ids` must be a [batch, seq] tensor, got {getattr(input_ids, 'shape', input_ids)}.")
+    if not torch.is_tensor(input_ids):
+        raise ValueError(f"`input_ids` must be a [batch, seq] tensor, got {type(input_ids).__name__}.")
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+    _check_same_prompt(input_ids, mask, generate_kwargs, group, world)  # first: the checks below are then unanimous
+    _check_arguments(model, generate_kwargs)
+    if input_ids.dim() != 2:
+        raise ValueError(f"`input_ids` must be a [batch, seq] tensor, got shape {tuple(input_ids.shape)}.")
     if tuple(mask.shape) != tuple(input_ids.shape):
         raise ValueError(f"`attention_mask` {tuple(mask.shape)} must have the shape of `input_ids` "
                          f"{tuple(input_ids.shape)}.")
@@ -378,7 +399,6 @@ def generate(
     if copies > 1:  # expanded before the prefill, as generate() would (rows repeated in place)
         input_ids, mask = input_ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
         generate_kwargs["num_return_sequences"] = 1
-    _check_same_prompt(input_ids, mask, group, world)
 
     prepare_model(model)
     config = unwrap(model, through_peft=True).config.get_text_config(decoder=True)
@@ -387,7 +407,7 @@ def generate(
     columns = input_ids.shape[1] - 1  # the last column is generate()'s first step
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
     rows = mask[:, :columns].bool().any(dim=1).nonzero().flatten()
-    with _shared_random_state(group), torch.no_grad():
+    with _shared_random_state(group, next(model.parameters()).device), torch.no_grad():
         if len(rows):
             prompt = {"input_ids": input_ids[rows, :columns], "attention_mask": mask[rows, :columns],
                       "position_ids": positions[rows, :columns]}

@@ -27,20 +27,72 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass
 class OffloadStats:
-    """What :func:`offload_to_cpu` did in its block: tensors and bytes moved to host memory, shapes seen."""
+    """What :func:`offload_to_cpu` did in its block.
+
+    ``tensors`` / ``bytes`` / ``shapes``: what was moved to host memory; ``prefetched``: how many of those the
+    backward found already copied back (CUDA only).
+    """
 
     tensors: int = 0
     bytes: int = 0
     shapes: list[tuple[int, ...]] = field(default_factory=list)
+    prefetched: int = 0
+
+
+_PIECE_MIN_BYTES = 1 << 20
+
+
+def pinned_pieces(numel: int, element_size: int, min_bytes: int = _PIECE_MIN_BYTES) -> list[int]:
+    """Element counts of the host pieces one tensor is stored in: powers of two in bytes, largest first.
+
+    torch's pinned host allocator rounds every block up to a power of two, so a 3 GiB layer input (384K tokens
+    of Llama-3.1-8B) would take 4 GiB of host memory; stored as 2 + 1 GiB it takes 3. The tail below
+    ``min_bytes`` is one piece (rounded up by at most ``min_bytes``).
+    """
+    pieces, rest = [], numel
+    while rest > 0:
+        piece_bytes = 1 << ((rest * element_size).bit_length() - 1)  # the largest power of two that fits
+        count = rest if piece_bytes < min_bytes else max(1, piece_bytes // element_size)
+        pieces.append(count)
+        rest -= count
+    return pieces
+
+
+class _Packed:
+    """One offloaded tensor: its pinned host pieces and, once prefetched, its device copy on the way back."""
+
+    __slots__ = ("back", "back_done", "device", "done", "dtype", "index", "pieces", "shape")
+
+    def __init__(self, t: torch.Tensor, pieces: list[torch.Tensor], done: torch.cuda.Event, index: int) -> None:
+        self.shape, self.dtype, self.device = t.shape, t.dtype, t.device
+        self.pieces, self.done, self.index = pieces, done, index
+        self.back: torch.Tensor | None = None
+        self.back_done: torch.cuda.Event | None = None
+
+    def to_device(self) -> torch.Tensor:
+        """The device copy, made on the current stream (asynchronously: the pieces are pinned)."""
+        out = torch.empty(sum(p.numel() for p in self.pieces), dtype=self.dtype, device=self.device)
+        start = 0
+        for piece in self.pieces:
+            out[start:start + piece.numel()].copy_(piece, non_blocking=True)
+            start += piece.numel()
+        return out.view(self.shape)
 
 
 class _Offloader:
-    """Pack/unpack hooks: device tensors of ``min_bytes`` or more go to pinned host memory, copied on a side stream."""
+    """Pack/unpack hooks: device tensors of ``min_bytes`` or more go to pinned host memory, copied on a side stream.
 
-    def __init__(self, min_bytes: int, stats: OffloadStats) -> None:
+    With ``prefetch``, unpacking one tensor starts the host-to-device copy of the one packed just before it on
+    the side stream: the backward unpacks the checkpointed layer inputs in the reverse of the forward's order,
+    so the next layer's input arrives while this layer recomputes.
+    """
+
+    def __init__(self, min_bytes: int, stats: OffloadStats, prefetch: bool) -> None:
         self.min_bytes = min_bytes
         self.stats = stats
+        self.prefetch = prefetch
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._packed: list[_Packed] = []
 
     def _wanted(self, t: torch.Tensor) -> bool:
         # Parameters and views of them (a linear layer saves ``weight.t()``) stay where they are: they are not
@@ -51,6 +103,12 @@ class _Offloader:
             and t.numel() * t.element_size() >= self.min_bytes
         )
 
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        return stream
+
     def pack(self, t: torch.Tensor):
         if not self._wanted(t):
             return t
@@ -60,31 +118,56 @@ class _Offloader:
         if t.device.type == "cpu":
             return t  # already in host memory
         if t.device.type != "cuda":
-            return (t.to("cpu"), t.device, None)
-        stream = self._streams.get(t.device)
-        if stream is None:
-            stream = self._streams[t.device] = torch.cuda.Stream(t.device)
-        stream.wait_stream(torch.cuda.current_stream(t.device))  # t is fully written
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return (t.to("cpu"), t.device)
+        stream = self._stream(t.device)
+        flat = t.reshape(-1)  # a view for the layer inputs; a copy (on the compute stream) for a strided tensor
+        stream.wait_stream(torch.cuda.current_stream(t.device))  # t (and flat) fully written
+        pieces = [torch.empty(n, dtype=t.dtype, pin_memory=True) for n in pinned_pieces(t.numel(), t.element_size())]
         with torch.cuda.stream(stream):
-            host.copy_(t, non_blocking=True)
+            start = 0
+            for piece in pieces:
+                piece.copy_(flat[start:start + piece.numel()], non_blocking=True)
+                start += piece.numel()
             done = torch.cuda.Event()
             done.record(stream)
-        t.record_stream(stream)  # the allocator keeps t's memory until the copy has read it
-        return (host, t.device, done)
+        flat.record_stream(stream)  # the allocator keeps t's memory until the copy has read it
+        packed = _Packed(t, pieces, done, len(self._packed))
+        self._packed.append(packed)
+        return packed
 
-    @staticmethod
-    def unpack(packed):
+    def _copy_back(self, packed: _Packed) -> None:
+        stream = self._stream(packed.device)
+        with torch.cuda.stream(stream):
+            stream.wait_event(packed.done)
+            packed.back = packed.to_device()
+            packed.back_done = torch.cuda.Event()
+            packed.back_done.record(stream)
+
+    def unpack(self, packed):
         if isinstance(packed, torch.Tensor):
             return packed
-        host, device, done = packed
-        if done is not None:
-            torch.cuda.current_stream(device).wait_event(done)
-        return host.to(device, non_blocking=done is not None)
+        if isinstance(packed, tuple):  # a device type without streams: copied in pack, copied back here
+            host, device = packed
+            return host.to(device)
+        compute = torch.cuda.current_stream(packed.device)
+        if packed.back is None:
+            compute.wait_event(packed.done)
+            out = packed.to_device()
+        else:
+            self.stats.prefetched += 1
+            compute.wait_event(packed.back_done)
+            out = packed.back
+            out.record_stream(compute)  # made on the side stream, used and freed on this one
+            packed.back = packed.back_done = None  # a second unpack (retain_graph) copies again
+        if self.prefetch and packed.index > 0:
+            previous = self._packed[packed.index - 1]
+            if previous.back is None:
+                self._copy_back(previous)
+        return out
 
 
 @contextmanager
-def offload_to_cpu(min_bytes: int = 1 << 20) -> Iterator[OffloadStats]:
+def offload_to_cpu(min_bytes: int = 1 << 20, *, prefetch: bool = True) -> Iterator[OffloadStats]:
     """Keep the tensors that autograd saves in this block in pinned host memory until the backward needs them.
 
     Wrap the *forward* (the loss computation) of a model trained with non-reentrant gradient checkpointing:
@@ -101,20 +184,25 @@ def offload_to_cpu(min_bytes: int = 1 << 20) -> Iterator[OffloadStats]:
     non-reentrant checkpoint saves its inputs through the saved-tensor hooks active around it), the input of
     the final norm and of the chunked loss. Each device tensor of at least ``min_bytes`` is copied to pinned
     host memory on a side stream (overlapping the forward; its device memory is released once copied) and
-    copied back on the compute stream when the backward unpacks it. Parameters and tensors already on the host
-    are left alone. Costs host memory equal to the bytes moved (``L * S_local * hidden * 2`` for the layer
-    inputs) and a host-to-device copy per layer in the backward.
+    copied back when the backward unpacks it. Parameters and tensors already on the host are left alone. Costs
+    host memory equal to the bytes moved (``L * S_local * hidden * 2`` for the layer inputs) and a
+    host-to-device copy per layer in the backward, which ``prefetch`` hides behind the layer before it.
 
     Args:
         min_bytes: smaller saved tensors stay on the device (their copies would cost more than they free).
+        prefetch: when the backward unpacks a tensor, start copying the one packed before it back to the device
+            on the side stream (the next checkpointed layer's input, while this layer recomputes). Costs one
+            more layer input on the device (``S_local * hidden * 2`` bytes) at the backward's peak.
 
     Yields:
         :class:`OffloadStats`, filled as the block runs (on CPU it counts the tensors that would be moved).
     """
     if not isinstance(min_bytes, int) or min_bytes < 0:
         raise ValueError(f"`min_bytes` must be a non-negative int, but got {min_bytes!r}.")
+    if not isinstance(prefetch, bool):
+        raise ValueError(f"`prefetch` must be True or False, but got {prefetch!r}.")
     stats = OffloadStats()
-    hooks = _Offloader(min_bytes, stats)
+    hooks = _Offloader(min_bytes, stats, prefetch)
     with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
         yield stats
 
@@ -147,13 +235,15 @@ def _tiled_forward(forward, tile_tokens: int, hidden_states: torch.Tensor, *args
 class TiledMLP:
     """Handle returned by :func:`tile_mlp`: ``remove()`` (or leaving its ``with`` block) restores the MLPs."""
 
-    def __init__(self, modules: list[torch.nn.Module]) -> None:
-        self.modules = modules
+    def __init__(self, modules: list[tuple[torch.nn.Module, object]]) -> None:
+        self.modules = modules  # (mlp, the forward its instance had before, or None for the class's)
 
     def remove(self) -> None:
-        for module in self.modules:
-            if "forward" in module.__dict__:
-                del module.forward  # the class's forward again
+        for module, previous in self.modules:
+            if previous is None:
+                module.__dict__.pop("forward", None)  # the class's forward again
+            else:
+                module.forward = previous  # e.g. liger-kernel's fused SwiGLU, bound on the instance
         self.modules = []
 
     def __enter__(self) -> TiledMLP:
@@ -202,13 +292,14 @@ def tile_mlp(model: torch.nn.Module, tile_tokens: int = 8192) -> TiledMLP:
         mlp = getattr(layer, "mlp", None)
         if mlp is None:
             continue
-        if "forward" in mlp.__dict__:
+        previous = mlp.__dict__.get("forward")
+        if isinstance(previous, functools.partial) and previous.func is _tiled_forward:
             raise RuntimeError(
-                f"The MLP of {type(layer).__name__} already has a forward set on the instance (tiled twice, or "
-                "wrapped by another library); call remove() on the earlier handle first."
+                f"The MLP of {type(layer).__name__} is tiled already; call remove() on the earlier handle first."
             )
+        # A forward another library bound on the instance (liger-kernel's fused SwiGLU) is what gets tiled.
         mlp.forward = functools.partial(_tiled_forward, mlp.forward, tile_tokens)
-        wrapped.append(mlp)
+        wrapped.append((mlp, previous))
     if not wrapped:
         raise TypeError(f"tile_mlp found no decoder layer with an `mlp` in {type(model).__name__}.")
     return TiledMLP(wrapped)

@@ -315,6 +315,9 @@ class RingCPCallback(TrainerCallback):
     ):
         """``inputs`` is the shard (the seam made it); the step's context is in force."""
         plugin = self.plugin
+        # `use_liger_kernel=True` asks the model to skip its logits for the fused linear cross-entropy; the chunked
+        # loss never makes full logits anyway.
+        inputs = {k: v for k, v in inputs.items() if k != "skip_logits"}
         if model.training:
             if num_items_in_batch is None:  # a Trainer path that counted nothing: count this micro-batch
                 num_items_in_batch = plugin.count_items([inputs]) * self.trainer.current_gradient_accumulation_steps

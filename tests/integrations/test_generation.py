@@ -94,9 +94,11 @@ def _cache_and_sampling(rank: int, world: int) -> dict:
                                  temperature=3.0)
     errors = {}
     for name, kwargs in {"beam": dict(num_beams=2), "assisted": dict(prompt_lookup_num_tokens=2),
-                         "contrastive": dict(penalty_alpha=0.5, top_k=4)}.items():
+                         "contrastive": dict(penalty_alpha=0.5, top_k=4), "max_time": dict(max_time=5.0),
+                         "hidden": dict(output_hidden_states=True, return_dict_in_generate=True),
+                         "settings": dict(max_new_tokens=2 + rank)}.items():
         try:
-            hf_ringcp.generate(model, ids, attention_mask=mask, max_new_tokens=2, **kwargs)
+            hf_ringcp.generate(model, ids, attention_mask=mask, **{"max_new_tokens": 2, **kwargs})
         except ValueError as err:
             errors[name] = str(err)
     right = torch.ones_like(mask)
@@ -128,6 +130,8 @@ def test_sharded_cache_sampling_and_refusals() -> None:
         errors = r["errors"]
         assert "beam search" in errors["beam"] and "prompt-lookup" in errors["assisted"]
         assert "contrastive" in errors["contrastive"]
+        assert "`max_time`" in errors["max_time"] and "`output_hidden_states`" in errors["hidden"]
+        assert "generate() settings" in errors["settings"]  # different max_new_tokens: refused, not a hang
         assert "padding_side = 'left'" in errors["right"]
         assert "different prompts" in errors["different"]
     assert not torch.equal(results[0]["sampled"], results[0]["tokens"]), "temperature 3 sampling looked greedy"

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_ringcp
-from hf_ringcp.integrations.memory import offload_to_cpu, tile_mlp
+from hf_ringcp.integrations.memory import offload_to_cpu, pinned_pieces, tile_mlp
 from tests.ring.reference import rel_error
 
 B, S, H, INTER, V, LAYERS = 2, 40, 32, 72, 96, 3
@@ -82,6 +82,37 @@ def test_offload_min_bytes_filters_small_tensors() -> None:
     with pytest.raises(ValueError, match="`min_bytes` must be a non-negative int"):
         with offload_to_cpu(min_bytes=-1):
             pass
+    with pytest.raises(ValueError, match="`prefetch` must be True or False"):
+        with offload_to_cpu(prefetch="yes"):
+            pass
+    assert stats.prefetched == 0  # host tensors stay where they are: nothing to copy back
+
+
+@pytest.mark.parametrize(("numel", "element_size"), [(1, 2), (3 << 29, 2), ((1 << 20) + 7, 4), (12_345_678, 2)])
+def test_pinned_pieces_avoid_the_allocators_power_of_two_rounding(numel: int, element_size: int) -> None:
+    pieces = pinned_pieces(numel, element_size)
+    assert sum(pieces) == numel and pieces == sorted(pieces, reverse=True)
+    whole = pieces[:-1]  # the tail below 1 MiB may be any size
+    assert all(n * element_size & (n * element_size - 1) == 0 for n in whole)  # powers of two in bytes
+    # Host memory the allocator hands out (each piece rounded up to a power of two) is within 1 MiB of the bytes.
+    rounded = sum(1 << max(0, (n * element_size - 1).bit_length()) for n in pieces)
+    assert rounded - numel * element_size <= 1 << 20
+    if numel == 3 << 29:  # 384K tokens x 4096 of bf16: 2 + 1 GiB, not 4
+        assert [n * element_size for n in pieces] == [2 << 30, 1 << 30]
+
+
+def test_pieces_put_back_together_are_the_tensor() -> None:
+    from hf_ringcp.integrations.memory import _Packed
+
+    t = torch.randn(3, 700_001).t()  # strided, 8.4 MB: pieces of 8 MiB and a tail
+    flat = t.reshape(-1)
+    pieces, start = [], 0
+    for n in pinned_pieces(t.numel(), t.element_size()):
+        pieces.append(flat[start:start + n].clone())
+        start += n
+    assert len(pieces) == 2
+    back = _Packed(t, pieces, done=None, index=0).to_device()
+    assert back.shape == t.shape and torch.equal(back, t)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the host copy path needs a CUDA device")
@@ -135,12 +166,38 @@ def test_tiled_mlp_no_grad_and_remove() -> None:
         handle = tile_mlp(model, tile_tokens=9)
         got = model(input_ids=batch["input_ids"]).logits
     assert rel_error(got, expected) <= 1e-5
-    with pytest.raises(RuntimeError, match="already has a forward set on the instance"):
+    with pytest.raises(RuntimeError, match="is tiled already"):
         tile_mlp(model)
     handle.remove()
+    with torch.no_grad():
+        assert rel_error(model(input_ids=batch["input_ids"]).logits, expected) == 0
     layers = model.base_model.model.model.layers
     assert all("forward" not in layer.mlp.__dict__ for layer in layers)
     tile_mlp(model).remove()  # can tile again after remove()
+
+
+def test_tiled_mlp_tiles_a_forward_bound_on_the_instance() -> None:
+    """A fused MLP another library binds on the instance (liger-kernel's SwiGLU) is tiled, then restored."""
+    model = _model().eval()
+    mlps = [layer.mlp for layer in model.base_model.model.model.layers]
+    calls = []
+
+    def bound(self, x):
+        calls.append(x.shape[-2])
+        return type(self).forward(self, x)
+
+    for mlp in mlps:
+        mlp.forward = bound.__get__(mlp)
+    before = [mlp.forward for mlp in mlps]
+    batch = _batch()
+    with torch.no_grad():
+        expected = model(input_ids=batch["input_ids"]).logits
+        calls.clear()
+        with tile_mlp(model, tile_tokens=16):
+            got = model(input_ids=batch["input_ids"]).logits
+    assert rel_error(got, expected) <= 1e-5
+    assert calls == [16, 16, S - 32] * LAYERS  # the instance's forward ran, on tiles
+    assert [mlp.forward for mlp in mlps] == before
 
 
 def test_tile_mlp_rejects_bad_use() -> None:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from recipes.config import load_recipe, parse_overrides
 
@@ -111,3 +112,33 @@ def test_cp_size_must_divide_the_world() -> None:
 def test_shipped_recipes_are_valid(name: str) -> None:
     cfg = load_recipe(ROOT / "recipes" / name)
     assert cfg.seq_len // cfg.cp_size <= 16384  # each GPU holds at most 16K tokens
+
+
+@pytest.mark.parametrize(("lora_dtype", "expected"), [("float32", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_lora_dtype_sets_the_adapters_dtype_only(lora_dtype, expected) -> None:
+    from recipes.train_lora import load_model_and_tokenizer
+
+    cfg = load_recipe(ROOT / "recipes/embedded-passkey-2k.yaml", parse_overrides(
+        ["--model_name_or_path", "tiny-random", "--dtype", "bfloat16", "--lora_dtype", lora_dtype]))
+    model, _ = load_model_and_tokenizer(cfg)
+    dtypes = {("lora_" in n, p.dtype) for n, p in model.named_parameters()}
+    assert dtypes == {(True, expected), (False, torch.bfloat16)}
+    with pytest.raises(ValueError, match=r"`lora_dtype` must be one of \('float32', 'bfloat16'\)"):
+        load_recipe(ROOT / "recipes/embedded-passkey-2k.yaml", parse_overrides(["--lora_dtype", "fp8"]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU machine, where liger-kernel cannot run")
+def test_liger_kernels_auto_is_a_no_op_on_cpu_and_true_is_refused() -> None:
+    from recipes.train_lora import load_model_and_tokenizer
+
+    def load(value: str):
+        return load_model_and_tokenizer(load_recipe(ROOT / "recipes/embedded-passkey-2k.yaml", parse_overrides(
+            ["--model_name_or_path", "tiny-random", "--liger_kernels", value])))
+
+    model, _ = load("auto")
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    with pytest.raises(RuntimeError, match=r"apply_liger_kernels: .*pip install 'hf_ringcp\[liger\]'"):
+        load("true")
+    assert load_recipe(None, {"liger_kernels": False}).liger_kernels is False
+    with pytest.raises(ValueError, match=r"`liger_kernels` must be one of \('auto',\)"):
+        load_recipe(None, {"liger_kernels": "sometimes"})
