@@ -325,12 +325,16 @@ class Bench:
     def setup(self, v: Variant) -> contextlib.ExitStack:
         """The variant's changes to the model (liger kernels, then MLP tiles over them, compiled layers)."""
         stack = contextlib.ExitStack()
-        if v.liger:
-            stack.enter_context(_liger(self.model, v.liger))
-        if v.memory:
-            stack.enter_context(tile_mlp(self.model, self.args.tile_tokens))
-        if v.compile:
-            stack.enter_context(_compiled_layers(self.inner.get_decoder().layers))
+        try:
+            if v.liger:
+                stack.enter_context(_liger(self.model, v.liger))
+            if v.memory:
+                stack.enter_context(tile_mlp(self.model, self.args.tile_tokens))
+            if v.compile:
+                stack.enter_context(_compiled_layers(self.inner.get_decoder().layers))
+        except BaseException:
+            stack.close()  # never leave one variant's changes on the model for the next
+            raise
         return stack
 
     def measure(self, name: str, s: int, warmup: int | None = None, iters: int | None = None,

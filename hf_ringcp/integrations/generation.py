@@ -19,6 +19,7 @@ search and sampling give the same tokens on every rank.
 from __future__ import annotations
 
 import inspect
+import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -195,22 +196,30 @@ class ShardedCache(Cache):
 
 # ------------------------------------------------------------------------------------------- the session
 
-# Process-wide, not per thread: generate() and the forwards it drives run in the calling thread.
-_ACTIVE: list[ShardedCache] = []
+class _Active(threading.local):
+    """Per thread: generate() and the forwards it drives run in the calling thread, and another thread's
+    ``"ring"`` forwards (training, a second generate) must not be taken for its decode steps."""
+
+    def __init__(self) -> None:
+        self.caches: list[ShardedCache] = []
+
+
+_ACTIVE = _Active()
 
 
 def decoding_cache() -> ShardedCache | None:
-    """The :class:`ShardedCache` whose decode steps are running (inside :func:`generate`), or ``None``."""
-    return _ACTIVE[-1] if _ACTIVE else None
+    """The :class:`ShardedCache` whose decode steps are running in this thread (inside :func:`generate`), or
+    ``None``."""
+    return _ACTIVE.caches[-1] if _ACTIVE.caches else None
 
 
 @contextmanager
 def _decoding(cache: ShardedCache) -> Iterator[None]:
-    _ACTIVE.append(cache)
+    _ACTIVE.caches.append(cache)
     try:
         yield
     finally:
-        _ACTIVE.remove(cache)
+        _ACTIVE.caches.remove(cache)
 
 
 def decode_step(module: torch.nn.Module, query: torch.Tensor, scale: float | None, kwargs: dict[str, Any],
@@ -402,6 +411,9 @@ def generate(
 
     prepare_model(model)
     config = unwrap(model, through_peft=True).config.get_text_config(decoder=True)
+    from hf_ringcp.integrations.hf_attention import check_ring_config
+
+    check_ring_config(config)  # also when the prompt is one token and no prefill (nor its mask function) runs
     cache = ShardedCache(config.num_hidden_layers, group, mask)
     cache_arg = _cache_argument(model)
     columns = input_ids.shape[1] - 1  # the last column is generate()'s first step

@@ -31,9 +31,10 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
+# The module, not its names: importing hf_ringcp.integrations.generation first imports this one halfway.
+from hf_ringcp.integrations import generation as _generation
 from hf_ringcp.integrations.batch import SHARD_KEY, ShardInfo, is_shard_mask, position_fingerprint
 from hf_ringcp.integrations.context import RingContext, get_context, make_context
-from hf_ringcp.integrations.generation import decode_step, decoding_cache
 from hf_ringcp.integrations.models import needs_preparation
 from hf_ringcp.ring import local_positions, ring_attention
 from hf_ringcp.ring.group import group_rank_and_size
@@ -85,7 +86,7 @@ def ring_attention_mask(
     raise, as do mask overlays (``or_mask_function``/``and_mask_function``), chunked attention and bidirectional
     masks.
     """
-    if decoding_cache() is not None:
+    if _generation.decoding_cache() is not None:
         return None  # hf_ringcp.generate's decode steps: the sharded cache knows each key's row and position
     ctx = get_context()
     from_shard = attention_mask is not None and is_shard_mask(attention_mask)
@@ -99,10 +100,9 @@ def ring_attention_mask(
     if attention_mask is not None and not bool(attention_mask.all()) and not from_shard:
         _fail("an `attention_mask` with padding (zeros) given to the model", _SHARD)
     config = kwargs.get("config")
-    if mask_function is bidirectional_mask_function or not getattr(config, "is_causal", True):
+    if mask_function is bidirectional_mask_function:
         _fail("bidirectional (non-causal) attention", _INSTEAD)
-    if getattr(config, "attention_chunk_size", None) is not None:
-        _fail(f"chunked attention (config.attention_chunk_size={config.attention_chunk_size})", _INSTEAD)
+    check_ring_config(config)
     if kwargs.get("use_vmap"):
         # Transformers turns on vmap exactly when the model adds an or/and mask overlay (e.g. bidirectional
         # image tokens), which a plain causal ring would silently drop.
@@ -115,6 +115,17 @@ def ring_attention_mask(
             "hf_ringcp.causal_lm_loss do it for you)",
         )
     return None
+
+
+def check_ring_config(config: Any) -> None:
+    """Raise ``ValueError`` for the attention a model's config asks for that the ring does not compute
+    (non-causal, chunked); the mask function checks it for every forward, :func:`hf_ringcp.generate` once."""
+    if config is None:
+        return
+    if not getattr(config, "is_causal", True):
+        _fail("bidirectional (non-causal) attention", _INSTEAD)
+    if getattr(config, "attention_chunk_size", None) is not None:
+        _fail(f"chunked attention (config.attention_chunk_size={config.attention_chunk_size})", _INSTEAD)
 
 
 # ------------------------------------------------------------------------------------ attention function
@@ -315,9 +326,9 @@ def ring_attention_forward(
         over the keys of its own document at global positions ``<=`` its own (within the layer's sliding
         window), across the ranks of the active group.
     """
-    if decoding_cache() is not None:
+    if _generation.decoding_cache() is not None:
         _check_scores(kwargs)
-        return decode_step(module, query, scaling, kwargs, _window_of(module, kwargs)), None
+        return _generation.decode_step(module, query, scaling, kwargs, _window_of(module, kwargs)), None
     ctx = get_context()
     info = kwargs.get(SHARD_KEY)
     padded_shard, _PADDED_SHARD.seen = _PADDED_SHARD.seen, False

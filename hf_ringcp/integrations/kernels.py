@@ -14,6 +14,7 @@ loss exact under context parallelism.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 from typing import Literal
 
@@ -51,7 +52,8 @@ def apply_liger_kernels(
         when: ``"always"`` raises when liger-kernel or CUDA is missing; ``"available"`` does nothing then.
 
     Returns:
-        The kernels applied, e.g. ``("rms_norm", "swiglu", "rope")``; ``()`` when nothing was.
+        The kernels applied, e.g. ``("rms_norm", "swiglu", "rope")`` (``"geglu"`` for Gemma's MLP, only those
+        the family's liger function takes); ``()`` when nothing was.
     """
     if when not in ("always", "available"):
         raise ValueError(f'`when` must be "always" or "available", but got {when!r}.')
@@ -78,17 +80,27 @@ def apply_liger_kernels(
             f"apply_liger_kernels: liger-kernel has no kernels for model_type={model_type!r}; leave them off for "
             "this model (or pass when='available')."
         )
+    accepted = inspect.signature(MODEL_TYPE_TO_APPLY_LIGER_FN[model_type]).parameters
+    flags = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope}
+    if "swiglu" not in accepted and "geglu" in accepted:  # Gemma's gated MLP: liger's GeGLU is the same kernel
+        flags["geglu"] = flags.pop("swiglu")
+    activation = getattr(base.config, "hidden_act", getattr(base.config, "hidden_activation", None))
+    if flags.get("swiglu") and activation not in ("silu", "swish"):
+        if when == "always":
+            raise RuntimeError(f"apply_liger_kernels: liger's SwiGLU computes SiLU, but this model's activation "
+                               f"is {activation!r}; pass swiglu=False.")
+        flags["swiglu"] = False
+    # Everything else liger would fuse by default for this family (its losses, LayerNorm, ...) stays off.
+    off = {name: False for name, param in accepted.items() if isinstance(param.default, bool) and name not in flags}
+    kwargs = {name: on for name, on in flags.items() if name in accepted} | off
     # liger also swaps the family's RMSNorm and MLP classes in the modeling module, which would turn every model
     # of that family built later in the process (on CPU too) into liger's; the instances are patched, so the
     # classes go back. Its RoPE is that module's function by design (the attention calls it by name).
     module = sys.modules[type(base).__module__]
     classes = {name: value for name, value in vars(module).items() if isinstance(value, type)}
-    # The entry transformers' Trainer uses for `use_liger_kernel=True`, with both of liger's losses off.
-    _apply_liger_kernel_to_instance(
-        model=base, rms_norm=rms_norm, swiglu=swiglu, rope=rope, cross_entropy=False,
-        fused_linear_cross_entropy=False,
-    )
+    # The entry transformers' Trainer uses for `use_liger_kernel=True`.
+    _apply_liger_kernel_to_instance(model=base, **kwargs)
     for name, value in classes.items():
         if vars(module).get(name) is not value:
             setattr(module, name, value)
-    return wanted
+    return tuple(name for name in ("rms_norm", "swiglu", "geglu", "rope") if kwargs.get(name))

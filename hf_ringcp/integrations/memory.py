@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 # ------------------------------------------------------------------------------------------- host offload
 
@@ -61,13 +60,14 @@ def pinned_pieces(numel: int, element_size: int, min_bytes: int = _PIECE_MIN_BYT
 class _Packed:
     """One offloaded tensor: its pinned host pieces and, once prefetched, its device copy on the way back."""
 
-    __slots__ = ("back", "back_done", "device", "done", "dtype", "index", "pieces", "shape")
+    __slots__ = ("back", "back_done", "device", "done", "dtype", "index", "pieces", "shape", "used")
 
     def __init__(self, t: torch.Tensor, pieces: list[torch.Tensor], done: torch.cuda.Event, index: int) -> None:
         self.shape, self.dtype, self.device = t.shape, t.dtype, t.device
         self.pieces, self.done, self.index = pieces, done, index
         self.back: torch.Tensor | None = None
         self.back_done: torch.cuda.Event | None = None
+        self.used = False  # unpacked once: never prefetched again
 
     def to_device(self) -> torch.Tensor:
         """The device copy, made on the current stream (asynchronously: the pieces are pinned)."""
@@ -159,10 +159,15 @@ class _Offloader:
             out = packed.back
             out.record_stream(compute)  # made on the side stream, used and freed on this one
             packed.back = packed.back_done = None  # a second unpack (retain_graph) copies again
-        if self.prefetch and packed.index > 0:
-            previous = self._packed[packed.index - 1]
-            if previous.back is None:
-                self._copy_back(previous)
+        packed.used = True
+        if self.prefetch:
+            # The nearest earlier tensor not yet unpacked (one node may unpack its tensors in forward order,
+            # e.g. a multiply's `other` before `self`: a used one must not be copied back a second time).
+            j = packed.index - 1
+            while j >= 0 and self._packed[j].used:
+                j -= 1
+            if j >= 0 and self._packed[j].back is None:
+                self._copy_back(self._packed[j])
         return out
 
 
@@ -210,7 +215,72 @@ def offload_to_cpu(min_bytes: int = 1 << 20, *, prefetch: bool = True) -> Iterat
 # --------------------------------------------------------------------------------------------- tiled MLP
 
 
-def _tiled_forward(forward, tile_tokens: int, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+class _TileInputs(torch.autograd.Function):
+    """Identity on the MLP's input ``x [B, S, H]``, which it saves; its backward runs the MLP tile by tile.
+
+    The pair ``_TileInputs`` -> ``_TiledOutput`` is the tiled MLP: the forward computes the output over tiles
+    without keeping anything but ``x``; ``_TiledOutput``'s backward hands the output's gradient through, and this
+    backward recomputes one tile at a time (with the forward's random and autocast state), takes its gradients
+    for ``x`` and the MLP's trainable parameters, and frees it. Inside a checkpointed layer the saved ``x`` is
+    the layer's last saved tensor (the MLP comes last but for the residual add), so the layer's recompute stops
+    there (checkpoint's early stop) and the MLP runs twice in all, not three times as with a checkpoint per tile.
+    """
+
+    @staticmethod
+    def forward(ctx, x, forward, tile_tokens, *params):
+        ctx.forward, ctx.tile_tokens, ctx.params = forward, tile_tokens, params
+        ctx.cuda = x.device if x.is_cuda else None
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        kind = x.device.type
+        ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        kind, enabled, dtype = ctx.autocast
+        wanted = [p for p in ctx.params if p.requires_grad]
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        dparams: list[torch.Tensor | None] = [None] * len(wanted)
+        with torch.random.fork_rng(devices=[ctx.cuda] if ctx.cuda is not None else []):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.cuda)
+            for start in range(0, x.shape[-2], ctx.tile_tokens):
+                stop = min(start + ctx.tile_tokens, x.shape[-2])
+                tile = x[..., start:stop, :].detach().requires_grad_(dx is not None)
+                with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
+                    out = ctx.forward(tile)
+                inputs = ([tile] if dx is not None else []) + wanted
+                grads = torch.autograd.grad(out, inputs, grad[..., start:stop, :], allow_unused=True)
+                if dx is not None:
+                    dx[..., start:stop, :] = grads[0]
+                    grads = grads[1:]
+                for i, g in enumerate(grads):
+                    if g is not None:
+                        dparams[i] = g if dparams[i] is None else dparams[i] + g
+        it = iter(dparams)
+        return (dx, None, None, *(next(it) if p.requires_grad else None for p in ctx.params))
+
+
+class _TiledOutput(torch.autograd.Function):
+    """The MLP's output over tiles, computed without saving anything (see :class:`_TileInputs`)."""
+
+    @staticmethod
+    def forward(ctx, x, forward, tile_tokens):
+        with torch.no_grad():
+            return torch.cat([forward(t) for t in x.split(tile_tokens, dim=-2)], dim=-2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+@torch.compiler.disable  # a backward that runs forwards: eager, like the ring attention
+def _tiled_forward(module: torch.nn.Module, forward, tile_tokens: int, hidden_states: torch.Tensor, *args,
+                   **kwargs) -> torch.Tensor:
     if args or kwargs:
         raise TypeError(
             "tile_mlp wraps position-wise MLPs called as mlp(hidden_states) only; this one got extra arguments. "
@@ -219,16 +289,15 @@ def _tiled_forward(forward, tile_tokens: int, hidden_states: torch.Tensor, *args
     n = hidden_states.shape[-2]
     if n <= tile_tokens:
         return forward(hidden_states)
-    tiles = hidden_states.split(tile_tokens, dim=-2)
-    if torch.is_grad_enabled():
-        # Each tile under its own checkpoint: only one tile's [tile, intermediate] activations exist at a time,
-        # in the forward and in the backward (nested inside the layer's checkpoint, it is recomputed there).
-        outs = [checkpoint(forward, t, use_reentrant=False) for t in tiles]
+    params = [p for p in module.parameters() if p.requires_grad]
+    if torch.is_grad_enabled() and (hidden_states.requires_grad or params):
+        out = _TiledOutput.apply(_TileInputs.apply(hidden_states, forward, tile_tokens, *params), forward,
+                                 tile_tokens)
     else:
-        outs = [forward(t) for t in tiles]
-    out = torch.cat(outs, dim=-2)
-    if out.shape != hidden_states.shape[:-1] + out.shape[-1:]:
-        raise TypeError(f"tile_mlp expects a position-wise MLP, but it returned shape {tuple(out.shape)}.")
+        out = torch.cat([forward(t) for t in hidden_states.split(tile_tokens, dim=-2)], dim=-2)
+    if out.shape != hidden_states.shape:
+        raise TypeError(f"tile_mlp expects a position-wise MLP [B, S, H] -> [B, S, H], but it returned shape "
+                        f"{tuple(out.shape)} for {tuple(hidden_states.shape)}.")
     return out
 
 
@@ -264,14 +333,16 @@ def _decoder_layers(model: torch.nn.Module):
 
 
 def tile_mlp(model: torch.nn.Module, tile_tokens: int = 8192) -> TiledMLP:
-    """Run every decoder layer's MLP over tiles of ``tile_tokens`` tokens, each tile under its own checkpoint.
+    """Run every decoder layer's MLP over tiles of ``tile_tokens`` tokens, keeping only its input for the backward.
 
     An MLP is position-wise, so tiling the sequence changes no result. At long context its ``[S_local,
     intermediate]`` tensors (gate, up, activation, product, plus float32 LoRA input copies) set the recompute
-    peak of a layer. Tiled, that part shrinks to ``tile_tokens / S_local`` of it, for one more forward of each
-    MLP tile in the backward. Measured for Llama-3.1-8B with peft's default float32 adapters on an H100
-    (8K tiles): the recompute peak drops from 365 to 204 KiB per token, and the MLP's extra forward (~25 % more
-    matmul work) costs ~10 % of the step at 64K tokens.
+    peak of a layer. Tiled, that part shrinks to ``tile_tokens / S_local`` of it: the forward keeps no tile's
+    activations, and the backward recomputes one tile at a time and takes its gradients. Inside a checkpointed
+    layer, the layer's recompute stops before the MLP (checkpoint's early stop), so the MLP's forward runs
+    twice per step, as without tiles. (The earlier tiling, one checkpoint per tile, ran it three times: ~10 % of
+    the 64K step on an H200, docs/performance.md.) Measured for Llama-3.1-8B with float32 adapters (8K tiles):
+    the recompute peak drops from 365 to 204 KiB per token.
 
     The layer's ``mlp`` module keeps its parameters and names (only its ``forward`` is wrapped, on the
     instance), so saving adapters and optimizer state is unaffected. Use with a model loaded for training with
@@ -298,7 +369,7 @@ def tile_mlp(model: torch.nn.Module, tile_tokens: int = 8192) -> TiledMLP:
                 f"The MLP of {type(layer).__name__} is tiled already; call remove() on the earlier handle first."
             )
         # A forward another library bound on the instance (liger-kernel's fused SwiGLU) is what gets tiled.
-        mlp.forward = functools.partial(_tiled_forward, mlp.forward, tile_tokens)
+        mlp.forward = functools.partial(_tiled_forward, mlp, mlp.forward, tile_tokens)
         wrapped.append((mlp, previous))
     if not wrapped:
         raise TypeError(f"tile_mlp found no decoder layer with an `mlp` in {type(model).__name__}.")

@@ -33,6 +33,17 @@ def test_liger_kernels_match_transformers(which: str, tiled: bool) -> None:
         model = _model().cuda()
         flags = {k: which in (k, "all") for k in ("rms_norm", "swiglu", "rope")}
         assert apply_liger_kernels(model, **flags) == tuple(k for k, on in flags.items() if on)
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+        from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
+        layer = model.base_model.model.model.layers[0]
+        bound = {"rms_norm": layer.input_layernorm, "swiglu": layer.mlp}
+        for name, module in bound.items():  # the test can fail: liger's kernels really run
+            forward = module.__dict__.get("forward")
+            expected = {"rms_norm": LigerRMSNorm.forward, "swiglu": LigerSwiGLUMLP.forward}[name]
+            assert (getattr(forward, "__func__", None) is expected) == flags[name], name
+        assert (modeling_llama.apply_rotary_pos_emb is liger_rotary_pos_emb) == flags["rope"]
         later = _model()  # built after: Transformers' own classes (liger swapped them; they were put back)
         assert type(later.base_model.model.model.norm) is modeling_llama.LlamaRMSNorm
         assert type(later.base_model.model.model.layers[0].mlp) is modeling_llama.LlamaMLP

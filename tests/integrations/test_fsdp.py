@@ -71,17 +71,19 @@ def _plugin_fsdp(rank: int, world: int) -> dict:
     from torch.distributed.fsdp import fully_shard
     from torch.utils.data import DataLoader
 
-    from hf_ringcp import ContextParallelPlugin
+    from hf_ringcp import ContextParallelPlugin, tile_mlp
 
     plugin = ContextParallelPlugin(cp_size=CP)
     accelerator = Accelerator(cpu=True)
     plugin.attach(accelerator)
     out = {}
-    for kind in ("full", "lora"):
-        model = _full_model("ring") if kind == "full" else tiny_lora_llama("ring")
+    for kind in ("full", "lora", "full_tiled"):
+        model = tiny_lora_llama("ring") if kind == "lora" else _full_model("ring")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         plugin.prepare_model(model)
-        for layer in model.get_decoder().layers if kind == "full" else model.base_model.model.model.layers:
+        if kind == "full_tiled":  # the tiled MLP's gradients for sharded, trainable MLP weights
+            tile_mlp(model, tile_tokens=3)
+        for layer in model.base_model.model.model.layers if kind == "lora" else model.get_decoder().layers:
             fully_shard(layer)  # over the default group: every dp x cp rank holds a shard
         fully_shard(model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -118,7 +120,7 @@ def _reference_loop(kind: str) -> list[float]:
 
 def test_plugin_loop_with_fully_shard_matches_one_process() -> None:
     per_rank = run_ranks(_plugin_fsdp, WORLD, timeout=600)
-    for kind in ("full", "lora"):
-        ref = _reference_loop(kind)
+    for kind in ("full", "lora", "full_tiled"):
+        ref = _reference_loop(kind.removesuffix("_tiled"))
         for rank, got in enumerate(per_rank):
             assert got[kind] == pytest.approx(ref, rel=1e-5), (kind, rank)

@@ -111,6 +111,13 @@ def _cache_and_sampling(rank: int, world: int) -> dict:
         hf_ringcp.generate(model, ids + rank, max_new_tokens=2)
     except ValueError as err:
         errors["different"] = str(err)
+    model.config.attention_chunk_size = 4  # (Llama ignores it; the ring must refuse it even with no prefill)
+    try:
+        hf_ringcp.generate(model, ids[:, -1:], max_new_tokens=2)
+    except ValueError as err:
+        errors["chunked"] = str(err)
+    finally:
+        model.config.attention_chunk_size = None
     return {"tokens": out.sequences, "local": cache.local_tokens(), "sampled": sampled, "errors": errors,
             "rows": [layer.keys.shape[2] for layer in cache.layers]}
 
@@ -134,4 +141,20 @@ def test_sharded_cache_sampling_and_refusals() -> None:
         assert "generate() settings" in errors["settings"]  # different max_new_tokens: refused, not a hang
         assert "padding_side = 'left'" in errors["right"]
         assert "different prompts" in errors["different"]
+        assert "chunked attention" in errors["chunked"]
     assert not torch.equal(results[0]["sampled"], results[0]["tokens"]), "temperature 3 sampling looked greedy"
+
+
+def test_the_decode_switch_is_per_thread() -> None:
+    """Another thread's "ring" forwards (training, a second generate) are not taken for this one's decode steps."""
+    import threading
+
+    from hf_ringcp.integrations.generation import _decoding, decoding_cache
+
+    cache, seen = object(), []
+    with _decoding(cache):
+        other = threading.Thread(target=lambda: seen.append(decoding_cache()))
+        other.start()
+        other.join()
+        assert decoding_cache() is cache
+    assert seen == [None] and decoding_cache() is None

@@ -140,6 +140,65 @@ def test_tiled_mlp_changes_nothing(checkpointing: bool, tile: int) -> None:
     _assert_same(got, expected, 1e-5)
 
 
+def _count_mlp_calls(model) -> list[int]:
+    """Bind a counting forward on every MLP instance (as another library would); returns the tile sizes seen."""
+    calls: list[int] = []
+
+    def counted(self, x):
+        calls.append(x.shape[-2])
+        return type(self).forward(self, x)
+
+    for layer in model.base_model.model.model.layers:
+        layer.mlp.forward = counted.__get__(layer.mlp)
+    return calls
+
+
+def test_tiled_mlp_runs_each_tile_twice_per_step_in_a_checkpointed_layer() -> None:
+    """Forward once, then once more in the backward: the layer's recompute stops before the MLP (early stop)."""
+    model = _model(checkpointing=True)
+    calls = _count_mlp_calls(model)
+    with tile_mlp(model, tile_tokens=16):
+        _loss_and_grads(model)
+    tiles = [16, 16, S - 32]
+    assert sorted(calls) == sorted(tiles * 2 * LAYERS), calls  # 2 runs of every tile, no third
+    untiled = _model(checkpointing=True)
+    calls = _count_mlp_calls(untiled)
+    _loss_and_grads(untiled)
+    assert calls == [S] * 2 * LAYERS  # the same count without tiles (forward + the layer's recompute)
+
+
+def test_tiled_mlp_replays_lora_dropout_exactly() -> None:
+    """With dropout in the adapters, the backward's tiles see the forward's masks: the gradients equal those of
+    one checkpoint per tile (which replays each tile's random state), a test-only reference."""
+    from torch.utils.checkpoint import checkpoint
+
+    def model_with_dropout():
+        torch.manual_seed(0)
+        base = LlamaForCausalLM._from_config(copy.deepcopy(CONFIG), attn_implementation="ring", dtype=torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.3, init_lora_weights=False)
+        return get_peft_model(base, lora).train()
+
+    def step(model):
+        torch.manual_seed(7)
+        return _loss_and_grads(model)
+
+    reference = model_with_dropout()
+    for layer in reference.base_model.model.model.layers:
+        forward = layer.mlp.forward
+        layer.mlp.forward = lambda x, f=forward: torch.cat(
+            [checkpoint(f, t, use_reentrant=False) for t in x.split(16, dim=-2)], dim=-2)
+    expected = step(reference)
+    model = model_with_dropout()
+    with tile_mlp(model, tile_tokens=16):
+        got = step(model)
+    _assert_same(got, expected, 1e-6)
+    untiled = step(model_with_dropout())  # the masks differ without tiles (drawn per tile): the test can fail
+    assert rel_error(untiled[0], expected[0]) > 1e-6
+
+
 def test_tiled_mlp_saves_no_intermediate_activations() -> None:
     """Without layer checkpointing, only tile inputs are saved for the MLP, never a [.., intermediate] tensor."""
 
