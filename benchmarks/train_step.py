@@ -15,7 +15,7 @@ optimizer are reset before every point, so every variant starts from the same st
   ring's own cuDNN block kernel at world size 1 (GQA-native), the documented way to run the ring on one device.
 - ``ours_mem``: the faster of those two at 32K, plus ``hf_ringcp.integrations.memory``: the forward under
   ``offload_to_cpu()`` (checkpointed layer inputs in pinned host memory) and ``tile_mlp`` (the MLP over tiles of
-  tokens, each under its own checkpoint).
+  tokens; the results up to 2026-12-02 were taken with a checkpoint per tile, which ran each tile three times).
 - ``ours_cudnn_bf16``: ``ours_cudnn`` with the LoRA weights in bf16 (peft ``autocast_adapter_dtype=False``), to
   show what peft's float32 adapters cost.
 

@@ -9,7 +9,7 @@ With gradient checkpointing on every decoder layer, the memory of a training ste
   tensors (and, with peft's default float32 adapters, by float32 copies of every LoRA input).
 
 :func:`offload_to_cpu` moves the first to pinned host memory; :func:`tile_mlp` bounds the second by running the
-MLP over tiles of tokens, each under its own checkpoint. Neither changes the numbers the model computes.
+MLP over tiles of tokens, keeping only its input for the backward. Neither changes the numbers the model computes.
 """
 
 from __future__ import annotations
