@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,22 @@ def test_cli_passes_on_a_saved_config_and_prints_json(tmp_path: Path) -> None:
     assert [r["passed"] for r in result["rows"]] == [True, True, True]
     assert result["settings"]["cp"] == 2 and result["settings"]["layout"] == "zigzag"
     assert any("heads: 4 query / 2 key-value of head_dim 16" in k for k in result["kept"])
+
+
+def test_cli_under_torchrun_uses_its_ranks(tmp_path: Path) -> None:
+    """The torchrun path: the launched ranks run the check (gloo on CPU) and rank 0 prints the one report."""
+    from tests.distributed import _free_port
+
+    LlamaConfig(**TINY, tie_word_embeddings=False).save_pretrained(tmp_path)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "hf_ringcp.check",
+         "--model", str(tmp_path), "--seq-len", "32", "--timeout", "120", "--json"],
+        capture_output=True, text=True, timeout=240, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == EXIT_PASS, proc.stderr[-3000:] + proc.stdout[-3000:]
+    result = json.loads(proc.stdout)  # one JSON object: only rank 0 reports
+    assert result["status"] == "pass" and result["settings"]["cp"] == 2 and result["settings"]["device"] == "cpu"
 
 
 def test_cli_errors_exit_3(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -81,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiply every tolerance by this factor (defaults: logits 1e-4, loss 1e-5, grads 1e-4, "
                         "per-layer outputs 1e-4; relative to the reference's max)")
     p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds before spawned ranks are killed and the check reports an error (default 300)")
+                   help="seconds before spawned ranks are killed (under torchrun: before a collective gives up) and "
+                        "the check reports an error (default 300)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow configs with custom code")
     p.add_argument("--json", action="store_true", help="print one JSON object (for CI) instead of the report")
     return p
@@ -107,13 +109,17 @@ def load_config(model: str, trust_remote_code: bool = False) -> Any:
         return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
 
 
-def _run_in_this_process(spec: CheckSpec) -> dict[str, Any]:
-    """Under torchrun: the existing ranks (NCCL on CUDA, else gloo) run the check; results merged on every rank."""
+def _run_in_this_process(spec: CheckSpec, timeout: float) -> dict[str, Any]:
+    """Under torchrun: the existing ranks (NCCL on CUDA, else gloo) run the check; results merged on every rank.
+
+    ``timeout`` bounds each collective: a rank that fails while the others wait in the ring ends the run with an
+    error instead of a hang.
+    """
     owned = not dist.is_initialized()
     if owned:
         if spec.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if spec.device == "cuda" else "gloo")
+        dist.init_process_group("nccl" if spec.device == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
     try:
         result = check_rank(dist.get_rank(), dist.get_world_size(), spec)
         gathered: list[Any] = [None] * dist.get_world_size()
@@ -130,7 +136,7 @@ def run_check(spec: CheckSpec, *, timeout: float = 300.0) -> dict[str, Any]:
     Spawns ``spec.cp`` gloo ranks on the CPU, or, when launched by torchrun, uses the existing ranks.
     """
     if launched_by_torchrun():
-        return _run_in_this_process(spec)
+        return _run_in_this_process(spec, timeout)
     # Library warnings (e.g. the padding it adds) stay visible; transformers' config chatter does not.
     env = {"TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")}
     try:
