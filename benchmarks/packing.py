@@ -94,19 +94,9 @@ class PackedRow:
 
 def pack(lengths: list[int] | tuple[int, ...], layout: str, world: int) -> PackedRow:
     """Place documents of ``lengths`` for ``layout`` over ``world`` ranks (see the module docstring)."""
-    split = Layout.for_name(layout, world)
-    total = sum(lengths)
     real, bounds, cursor = [], [0], 0
-    for i, n in enumerate(lengths):
-        if split.per_document:
-            span = split.padded_length(n)
-        elif i == len(lengths) - 1:
-            span = split.padded_length(cursor + n) - cursor
-        else:
-            span = n
+    for n, span in zip(lengths, Layout.for_name(layout, world).document_spans(lengths)):
         real.append((cursor, cursor + n))
         cursor += span
         bounds.append(cursor)
-    if cursor < total:
-        raise AssertionError("packing lost tokens")
     return PackedRow(layout, world, tuple(lengths), tuple(real), tuple(bounds))

@@ -28,17 +28,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank: int, world_size: int, port: int, results, args, env: dict[str, str]) -> None:
+def _init(rank: int, world_size: int, backend: str, timeout: float) -> None:
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+        # float32 comparisons need true float32 matmuls.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=device,
+                                timeout=timedelta(seconds=timeout))
+    else:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
+
+
+def _entry(fn, rank: int, world_size: int, port: int, results, args, env: dict[str, str], backend: str,
+           init_timeout: float) -> None:
     os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
     )
-    torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+        _init(rank, world_size, backend, init_timeout)
         out = fn(rank, world_size, *args)
-        # Serialised, not put as-is: tensors would travel as file descriptors that die with this process.
+        # Serialised, not put as-is: tensors would travel as file descriptors (or CUDA handles) that die with this
+        # process.
         buffer = io.BytesIO()
         torch.save(out, buffer)
         results.put((rank, "ok", buffer.getvalue()))
@@ -50,15 +65,18 @@ def _entry(fn, rank: int, world_size: int, port: int, results, args, env: dict[s
 
 
 def run_ranks(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0, env: dict[str, str] | None = None
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0, env: dict[str, str] | None = None,
+    backend: str = "gloo", init_timeout: float = 120.0, join_timeout: float = 10.0,
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the results by rank."""
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks (gloo on CPU; ``backend="nccl"``: GPU ``rank``
+    each, see ``tests/gpu/nccl.py``); return the results by rank, on the CPU."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
     env = {"OMP_NUM_THREADS": "1", **(env or {})}
     procs = [
-        ctx.Process(target=_entry, args=(fn, r, world_size, port, results, args, env), daemon=True)
+        ctx.Process(target=_entry, args=(fn, r, world_size, port, results, args, env, backend, init_timeout),
+                    daemon=True)
         for r in range(world_size)
     ]
     for p in procs:
@@ -85,7 +103,8 @@ def run_ranks(
                 raise AssertionError(f"rank {rank} failed:\n{payload}")
     finally:
         for p in procs:
-            p.join(timeout=10)
+            p.join(timeout=join_timeout)
             if p.is_alive():
                 p.kill()
-    return [torch.load(io.BytesIO(collected[r][1]), weights_only=False) for r in range(world_size)]
+    return [torch.load(io.BytesIO(collected[r][1]), weights_only=False, map_location="cpu")
+            for r in range(world_size)]

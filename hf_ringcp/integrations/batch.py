@@ -224,21 +224,16 @@ def _pack(
     """Flatten the kept tokens of every row into one row of documents, each padded as the layout needs."""
     b, s = keep.shape
     device = keep.device
-    pieces, bounds, cursor = [], [0], 0
+    documents = []
     for row in range(b):
         kept = keep[row].nonzero().flatten() + row * s
         starts = [*starts_per_row[row], len(kept)]
-        for a, z in itertools.pairwise(starts):
-            n = z - a
-            span = split.padded_length(n) if split.per_document else n
-            pieces += [kept[a:z], torch.full((span - n,), -1, dtype=torch.long, device=device)]
-            cursor += span
-            bounds.append(cursor)
-    if not split.per_document and split.padded_length(cursor) != cursor:
-        extra = split.padded_length(cursor) - cursor
-        pieces.append(torch.full((extra,), -1, dtype=torch.long, device=device))
-        cursor += extra
-        bounds[-1] = cursor
+        documents += [kept[a:z] for a, z in itertools.pairwise(starts)]
+    pieces, bounds, cursor = [], [0], 0
+    for doc, span in zip(documents, split.document_spans([len(d) for d in documents])):
+        pieces += [doc, torch.full((span - len(doc),), -1, dtype=torch.long, device=device)]
+        cursor += span
+        bounds.append(cursor)
     source = torch.cat(pieces)
     real_max = int(positions.reshape(-1)[source[source >= 0]].max())
     if real_max < max_position and not bool((source < 0).any()):

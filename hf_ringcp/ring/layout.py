@@ -179,6 +179,20 @@ class Layout:
         """The smallest multiple of :attr:`divisor` that holds ``length`` tokens."""
         return -(-length // self.divisor) * self.divisor
 
+    def document_spans(self, lengths: list[int] | tuple[int, ...]) -> list[int]:
+        """Row tokens each of the documents of ``lengths`` takes when packed back to back for this layout.
+
+        A per-document layout pads every document to a multiple of :attr:`divisor` (the padding at its end, seen
+        by no real token); the others keep the documents as they are and stretch the last one to make the total
+        divisible.
+        """
+        if self.per_document:
+            return [self.padded_length(n) for n in lengths]
+        spans = list(lengths)
+        if spans:
+            spans[-1] += self.padded_length(sum(spans)) - sum(spans)
+        return spans
+
     def check_length(self, seq_len: int, what: str = "sequence length") -> None:
         """Raise ``ValueError`` naming the fix unless ``seq_len`` splits evenly."""
         if seq_len % self.divisor != 0:

@@ -36,15 +36,8 @@ def documents(layout: str, world: int, lengths: list[int]) -> tuple[list[tuple[i
     A per-document layout (zigzag) pads every document to a multiple of its divisor, padding at the document's
     end (no real token sees it); the other layouts stretch the last document to make the total divisible.
     """
-    split = Layout.for_name(layout, world)
     real, bounds, cursor = [], [0], 0
-    for i, n in enumerate(lengths):
-        if split.per_document:
-            span = split.padded_length(n)
-        elif i == len(lengths) - 1:
-            span = split.padded_length(cursor + n) - cursor
-        else:
-            span = n
+    for n, span in zip(lengths, Layout.for_name(layout, world).document_spans(lengths)):
         real.append((cursor, cursor + n))
         cursor += span
         bounds.append(cursor)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_ringcp.ring import local_positions, shard_sequence, unshard_sequence
-from hf_ringcp.ring.layout import rank_major_order
+from hf_ringcp.ring.layout import Layout, rank_major_order
 from tests.distributed import run_ranks
 
 
@@ -62,3 +62,10 @@ def test_sequence_not_divisible_names_the_fix() -> None:
 def test_unknown_layout() -> None:
     with pytest.raises(ValueError, match="`layout` must be one of"):
         shard_sequence(torch.zeros(4), 0, layout="diagonal")
+
+
+def test_document_spans_pad_each_document_or_stretch_the_last() -> None:
+    assert Layout.for_name("zigzag", 2).document_spans([1, 5, 4]) == [4, 8, 4]  # each to a multiple of 2P
+    assert Layout.for_name("contiguous", 2).document_spans([1, 4]) == [1, 5]  # the total to a multiple of P
+    assert Layout.for_name("contiguous", 3).document_spans([3, 3]) == [3, 3]
+    assert Layout.for_name("contiguous", 2).document_spans([]) == []

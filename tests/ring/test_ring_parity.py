@@ -110,14 +110,9 @@ def _documents(layout: str, world: int) -> tuple[list[tuple[int, int]], list[int
     split = Layout.for_name(layout, world)
     lengths = [1, 3, 2 * world + 3, 5 * world, 2, 7]
     real, bounds, cursor = [], [0], 0
-    for i, n in enumerate(lengths):
-        if split.per_document:
-            span = split.padded_length(n)
-        elif i == len(lengths) - 1:
-            n = span = split.padded_length(cursor + n) - cursor
-        else:
-            span = n
-        real.append((cursor, cursor + n))
+    for n, span in zip(lengths, split.document_spans(lengths)):
+        # A global layout's stretched last document is all real here (its tokens are attended).
+        real.append((cursor, cursor + (n if split.per_document else span)))
         cursor += span
         bounds.append(cursor)
     return real, bounds, cursor
