@@ -23,8 +23,8 @@ or on transformers' modules:
   and ``accelerator.gather_for_metrics`` gathers per-rank scalars (TRL's metric sums over the shards) whole;
 - ``log`` is wrapped to add tokens/s (global and per device), peak memory and the CP layout.
 
-Versions: tested with transformers 5.17-5.24 and trl 1.16; :func:`check_trainer_api` refuses Trainers whose hooks
-differ and warns outside the tested range.
+Versions: tested with the transformers and trl releases of :func:`hf_ringcp.constraints.tested_range` (the lock and
+the declared floors); :func:`check_trainer_api` refuses Trainers whose hooks differ and warns outside that range.
 """
 
 from __future__ import annotations
@@ -42,14 +42,15 @@ import transformers
 from packaging.version import Version
 from transformers import Trainer, TrainerCallback
 
+from hf_ringcp.constraints import tested_range
 from hf_ringcp.integrations.batch import IGNORE_INDEX, SHARD_KEY, local_targets, unshard_predictions
 from hf_ringcp.integrations.metrics import ThroughputMeter
 from hf_ringcp.integrations.plugin import ContextParallelPlugin
 
-#: The transformers releases the callback is tested with (CI: the newest; the GPU image: the oldest).
-TESTED_TRANSFORMERS = ("5.17", "5.24")
-#: The oldest TRL whose SFTTrainer scores pre-shifted ``shift_labels`` (its fused LM head).
-MIN_TRL = "1.16"
+#: The transformers releases the callback is tested with, ``(oldest, newest)``: the floor set and the lock.
+TESTED_TRANSFORMERS = tested_range("transformers")
+#: The oldest TRL whose SFTTrainer scores pre-shifted ``shift_labels`` (its fused LM head), tested as the floor.
+MIN_TRL = tested_range("trl")[0]
 
 _AT_CONSTRUCTION = (
     "RingCPCallback must be passed to the Trainer at construction: Trainer(..., callbacks=[RingCPCallback(...)]); "
@@ -110,9 +111,9 @@ def check_trainer_api(trainer: Trainer, custom_compute_loss: bool = False) -> No
             f"TrainingArguments/Accelerate parallelism_config sets cp_size={pc.cp_size} as well as RingCPCallback. "
             "Use one: remove cp_size from parallelism_config."
         )
-    low, high = (Version(v) for v in TESTED_TRANSFORMERS)
+    low, high = (Version(v).release[:2] for v in TESTED_TRANSFORMERS)
     installed = Version(transformers.__version__)
-    if not low.release <= installed.release[:2] <= high.release:
+    if not low <= installed.release[:2] <= high:
         warnings.warn(
             f"RingCPCallback is tested with transformers {TESTED_TRANSFORMERS[0]}-{TESTED_TRANSFORMERS[1]}; "
             f"{transformers.__version__} is installed. Check the first steps against a run without CP.",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -192,14 +193,18 @@ def test_transformers_version_check_is_honest(monkeypatch) -> None:
     import transformers
     from packaging.version import Version
 
+    from hf_ringcp.constraints import pins
     from hf_ringcp.integrations.trainer_callback import TESTED_TRANSFORMERS, check_trainer_api
 
     trainer = Trainer(model=tiny_lora_llama("sdpa"), args=_args(tempfile.mkdtemp()))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_trainer_api(trainer)  # the installed release is one the callback claims (and CI tests)
-    low, high = (Version(v) for v in TESTED_TRANSFORMERS)
-    assert low <= Version(".".join(transformers.__version__.split(".")[:2])) <= high
-    monkeypatch.setattr(transformers, "__version__", "5.40.0")
-    with pytest.warns(UserWarning, match=r"tested with transformers 5\.17-5\.24; 5\.40\.0 is installed"):
+    low, high = (Version(v).release[:2] for v in TESTED_TRANSFORMERS)
+    assert low <= Version(transformers.__version__).release[:2] <= high
+    # The claim is the constraint files' (one owner), not a second list beside them.
+    assert TESTED_TRANSFORMERS == (pins("oldest")["transformers"], pins("locked")["transformers"])
+    monkeypatch.setattr(transformers, "__version__", "5.99.0")
+    expected = re.escape(f"tested with transformers {'-'.join(TESTED_TRANSFORMERS)}; 5.99.0 is installed")
+    with pytest.warns(UserWarning, match=expected):
         check_trainer_api(trainer)
