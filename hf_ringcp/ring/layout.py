@@ -226,8 +226,8 @@ class Travel:
         cache = self.__dict__.setdefault("_index", {})
         key = (rank, str(device))
         if key not in cache:
-            cache[key] = torch.cat([torch.arange(a, b) for a, b in self.rows[rank]] or [torch.zeros(0, dtype=torch.long)]
-                                   ).to(device)
+            parts = [torch.arange(a, b) for a, b in self.rows[rank]]
+            cache[key] = (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)).to(device)
         return cache[key]
 
     def take(self, x: torch.Tensor, rank: int, pad: bool = False) -> torch.Tensor:
