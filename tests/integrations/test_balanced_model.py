@@ -47,4 +47,4 @@ def test_plugin_takes_balanced_from_the_environment(monkeypatch) -> None:
 
     monkeypatch.setenv("HF_RINGCP_LAYOUT", "balanced")
     plugin = ContextParallelPlugin(cp_size=4)
-    assert plugin.layout == "balanced" and plugin.divisor == 8
+    assert plugin.layout == "balanced" and plugin.seq_divisor == 8
