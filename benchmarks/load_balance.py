@@ -2,7 +2,8 @@
 
 For every world size ``P``, document-length distribution (``one``, ``lognormal``, ``mixed``; see
 :mod:`benchmarks.packing`) and layout (``zigzag``: every document split head-tail on its own, padded to a multiple
-of ``2P``; ``zigzag_global``: head-tail over the whole row; ``contiguous``; ``striped``), the row is placed with
+of ``2P``; ``zigzag_global``: head-tail over the whole row; ``balanced``: short documents whole on one rank, long
+ones zigzagged; ``contiguous``; ``striped``), the row is placed with
 :meth:`hf_ringcp.ring.Layout.placement` and every rank's block calls are taken from the ring's own variant objects
 (:class:`~hf_ringcp.ring.p2p.P2PRing` ``step_calls`` for every ring step, and
 :class:`~hf_ringcp.ring.allgather.AllGatherRing` ``own_calls`` + ``rest_calls``), i.e. exactly the plan
@@ -13,6 +14,13 @@ p2p and all-gather plans must give every rank the same work, and the ranks toget
 pairs (both are checked). Columns:
 
 - ``imbalance`` = max over ranks / mean over ranks of the work (1.0 is perfect; the slowest rank sets the pace);
+- ``tokens``: max / mean over ranks of the real (non-padding) tokens a rank holds;
+- ``kv_MiB``: bytes the busiest rank sends per layer for one K/V pass (forward; the backward sends as much K/V
+  again plus float32 dK/dV) in p2p, for Llama-3-8B's K/V (8 heads x 128 x bf16, K and V: 4 KiB a token), from
+  :meth:`~hf_ringcp.ring.layout.Placement.travelling` (what the ring sends); ``kv_vs_zigzag``: the same over
+  ``zigzag``'s on that row; ``kv_ag_MiB``: the all-gather's (each rank's buffer padded to the largest);
+- ``steps_calls``: the most block calls of one rank in one ring step (p2p), after grouping small calls into
+  varlen calls (:func:`hf_ringcp.ring.varlen.plan_groups`, what the ring launches);
 - ``pad``: padding tokens the layout adds (``zigzag``: each document to a multiple of ``2P``; the others only
   stretch the row to a multiple of the divisor); ``pad_work``: the share of the computed pairs that involve padding;
 - ``bound`` = real pairs / (P * max rank work): the attention efficiency the split allows at best (per-call
@@ -50,8 +58,11 @@ from hf_ringcp.ring.layout import Layout
 from hf_ringcp.ring.p2p import P2PRing
 from hf_ringcp.ring.plan import INF, BlockCall, MaskSpec
 from hf_ringcp.ring.variant import RankSetup
+from hf_ringcp.ring.varlen import plan_groups
 
-LAYOUTS = ("zigzag", "zigzag_global", "contiguous", "striped")
+LAYOUTS = ("zigzag", "zigzag_global", "balanced", "contiguous", "striped")
+#: Bytes of one token's K and V in Llama-3-8B (8 K/V heads x head_dim 128 x bf16, twice).
+KV_ROW_BYTES = 2 * 8 * 128 * 2
 
 
 def visible_pairs(c: BlockCall) -> int:
@@ -75,8 +86,12 @@ def rank_work(layout: str, world: int, lengths: list[int], window: int | None = 
     placement = Layout.for_name(layout, world).placement(row.seq_len, row.cu_seqlens)
     mask = MaskSpec(causal=True, documents=placement.documents, window=window)
     kernels = Kernels(BACKENDS["math"], BACKENDS["math"])  # not run: the plans only
-    work, calls_p2p, calls_ag = [], [], []
+    work, calls_p2p, calls_ag, step_calls, real_tokens = [], [], [], [], []
+    is_real = torch.zeros(row.seq_len, dtype=torch.bool)
+    is_real[row.real_index()] = True
+    travel = placement.travelling(mask)
     for r in range(world):
+        real_tokens.append(int(is_real[placement.positions(r)].sum()))
         setup = RankSetup(r, world, placement, mask, kernels, scale=1.0)
         p2p = P2PRing(setup, None, None)
         steps = [p2p.step_calls(s) for s in range(world)]
@@ -87,6 +102,9 @@ def rank_work(layout: str, world: int, lengths: list[int], window: int | None = 
             raise AssertionError(f"{layout} P={world} rank {r}: p2p and all-gather plans differ in work")
         work.append(pairs)
         calls_p2p.append(sum(len(calls) for calls in steps))
+        for calls in steps:
+            groups, rest = plan_groups(calls, "cpu")
+            step_calls.append(len(groups) + len(rest))
         calls_ag.append(len(ag))
     expected = row.row_pairs() if window is None else None
     if expected is not None and sum(work) != expected:
@@ -94,6 +112,9 @@ def rank_work(layout: str, world: int, lengths: list[int], window: int | None = 
     real = row.real_pairs()
     return {
         "S_row": row.seq_len, "pad": row.padding, "work": work, "calls_p2p": max(calls_p2p), "calls_ag": max(calls_ag),
+        "tokens": max(real_tokens) / statistics.mean(real_tokens), "step_calls": max(step_calls),
+        "kv_MiB": max(travel.bytes_sent(r, KV_ROW_BYTES) for r in range(world)) / 2**20,
+        "kv_ag_MiB": max(travel.bytes_sent(r, KV_ROW_BYTES, "allgather") for r in range(world)) / 2**20,
         "imbalance": max(work) / statistics.mean(work), "pad_work": 1 - real / sum(work) if window is None else None,
         "bound": real / (world * max(work)) if window is None else None,
         "segments": max(len(placement.segments(r)) for r in range(world)),
@@ -102,7 +123,7 @@ def rank_work(layout: str, world: int, lengths: list[int], window: int | None = 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worlds", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--seqlen", type=int, default=REFERENCE_LEN, help="real tokens per packed row")
     parser.add_argument("--distributions", nargs="+", default=list(DISTRIBUTIONS), choices=DISTRIBUTIONS)
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
@@ -129,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "work"}), flush=True)
 
+    for r in rows:
+        zig = next((z for z in rows if z["P"] == r["P"] and z["dist"] == r["dist"] and z["layout"] == "zigzag"), None)
+        if zig is not None and "kv_MiB" in r and zig.get("kv_MiB"):
+            r["kv_vs_zigzag"] = r["kv_MiB"] / zig["kv_MiB"]
     best = []
     for world in args.worlds:
         for dist_name in args.distributions:
@@ -137,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                 top = max(group, key=lambda r: r["bound"])
                 best.append({"P": world, "dist": dist_name, "best_layout": top["layout"],
                              "imbalance": top["imbalance"], "bound": top["bound"], "pad": top["pad"]})
-    columns = ["P", "dist", "docs", "layout", "imbalance", "bound", "pad", "pad_work", "S_row", "segments",
-               "calls_p2p", "calls_ag", "error"]
+    columns = ["P", "dist", "docs", "layout", "tokens", "imbalance", "kv_MiB", "kv_vs_zigzag", "kv_ag_MiB",
+               "step_calls", "bound", "pad", "pad_work", "S_row", "segments", "calls_p2p", "calls_ag", "error"]
     table = markdown_table(rows, columns)
     best_table = markdown_table(best, ["P", "dist", "best_layout", "imbalance", "bound", "pad"])
     info["seconds"] = round(time.perf_counter() - start, 1)
@@ -147,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         "(query, key) pairs over all the block calls of its plan (P2PRing.step_calls of every step; the all-gather "
         "plan gives the same per rank, checked), computed exactly at token granularity. imbalance = max / mean rank "
         "work; bound = real pairs / (P * max rank work); pad = padding tokens the layout adds; pad_work = share of the "
-        "computed pairs that involve padding; calls_* = block calls of the busiest rank (forward)."
+        "computed pairs that involve padding; calls_* = block calls of the busiest rank (forward); tokens = max / "
+        "mean real tokens of a rank; kv_MiB = K/V bytes the busiest rank sends per layer in p2p (forward, Llama-3-8B "
+        "K/V: 4 KiB a token), kv_vs_zigzag = over zigzag's, kv_ag_MiB = the all-gather's; step_calls = most kernel "
+        "calls of a rank in one p2p ring step after varlen grouping."
     )
     per_rank = "\n".join(f"- P={r['P']} {r['dist']} {r['layout']}: {r['work']}" for r in rows if "work" in r)
     md = f"{note}\n\n{table}\n\nBest layout per row (highest bound):\n\n{best_table}\n\nWork per rank:\n\n{per_rank}"

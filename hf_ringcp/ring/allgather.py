@@ -7,6 +7,10 @@ parts some call reads are copied; striped parts are attended in the rank-major o
 backward gathers K/V again (keeping the gathered copy alive between forward and backward would cost ``P`` times
 the local K/V per layer) and reduce-scatters dK/dV to their owners.
 
+What is gathered is :meth:`~hf_ringcp.ring.layout.Placement.travelling`'s: with ``layout="balanced"`` only the rows
+other ranks' queries see (each rank's padded to the largest), and nothing at all when no document is split; the
+gradients of the rows that stay home never enter the reduce-scatter.
+
 The communicator is a :class:`~hf_ringcp.ring.comm.GatherComm` on a real group; ``benchmarks/ring_sim.py``
 passes a :class:`~hf_ringcp.ring.comm.LoopbackGatherComm` that hands over every rank's K/V.
 """
@@ -86,6 +90,9 @@ class AllGatherRing(Variant):
         self.comm = comm
         # Global order needs stride-1 segments; striped parts stay rank-major.
         self.global_order = all(seg.stride == 1 for seg in setup.own)
+        # What each rank contributes to the gather (the sent buffers' segments); no gather if nothing travels.
+        self.sent = setup.placement.travelling(setup.mask)
+        self.gathers = setup.world > 1 and not self.sent.nothing
 
     @cached_property
     def own_calls(self) -> tuple[BlockCall, ...]:
@@ -94,7 +101,9 @@ class AllGatherRing(Variant):
     @cached_property
     def rest_calls(self) -> tuple[BlockCall, ...]:
         s = self.setup
-        return s.plan(s.placement.gathered(exclude=s.rank, global_order=self.global_order))
+        if not self.gathers:
+            return ()
+        return s.plan(self.sent.buffers.gathered(exclude=s.rank, global_order=self.global_order))
 
     @cached_property
     def moves(self) -> tuple[tuple[int, int, int, int], ...]:
@@ -106,7 +115,7 @@ class AllGatherRing(Variant):
             i = bisect.bisect_left(starts, buffer_row + n)
             return any(b > buffer_row for _, b in read[:i])
 
-        return tuple(m for m in self.setup.placement.moves(self.global_order)
+        return tuple(m for m in self.sent.buffers.moves(self.global_order)
                      if m[0] != self.setup.rank and is_read(m[2], m[3]))
 
     def _buffer(self, gathered: torch.Tensor) -> torch.Tensor:
@@ -114,7 +123,7 @@ class AllGatherRing(Variant):
         p, two, b, h, s_local, d = gathered.shape
         if not self.global_order:
             return gathered.permute(1, 2, 3, 0, 4, 5).reshape(two, b, h, p * s_local, d)
-        full = torch.empty((two, b, h, p * s_local, d), dtype=gathered.dtype, device=gathered.device)
+        full = torch.empty((two, b, h, self.sent.buffers.buffer_rows, d), dtype=gathered.dtype, device=gathered.device)
         for r, local, row, n in self.moves:
             full[:, :, :, row : row + n].copy_(gathered[r, :, :, :, local : local + n])
         return full
@@ -122,11 +131,11 @@ class AllGatherRing(Variant):
     def attend(self, q, k, v):
         s = self.setup
         kv = torch.stack([k, v])
-        if s.world > 1:
-            gathered, work = self.comm().start_gather(kv)
+        if self.gathers:
+            gathered, work = self.comm().start_gather(self.sent.take(kv, s.rank, pad=True))
         acc = OutputAccumulator(q)
         forward_calls(self.own_calls, q, k, v, acc, s.kernels, s.scale)
-        if s.world > 1:
+        if self.gathers:
             work.wait()
             full = self._buffer(gathered)
             forward_calls(self.rest_calls, q, full[0], full[1], acc, s.kernels, s.scale)
@@ -136,24 +145,31 @@ class AllGatherRing(Variant):
         s = self.setup
         dout, out = like(dout, q), like(out, q)
         kv = torch.stack([k, v])
-        if s.world > 1:
+        sent = self.sent.take(kv, s.rank, pad=True)
+        if self.gathers:
             comm = self.comm()
-            gathered, work = comm.start_gather(kv)
+            gathered, work = comm.start_gather(sent)
         dq = RowAccumulator(torch.empty_like(q, dtype=torch.float32))
-        dkv = _RankMajorKVGrads(kv, s.world, self.moves)  # this rank's share of every token's dK/dV
+        # This rank's share of every sent token's dK/dV; its own rows when all of them are sent, else apart.
+        dkv = _RankMajorKVGrads(sent, s.world, self.moves)
+        home = dkv if self.sent.everything else _RankMajorKVGrads(kv, 1, ())
         for rows, bdk, bdv in kv_pieces(backward_kernels(self.own_calls, dout, q, k, v, out, lse, dq, s.kernels,
                                                          s.scale)):
-            dkv.add_local(s.rank, rows, bdk, bdv)
-        if s.world > 1:
+            home.add_local(s.rank if self.sent.everything else 0, rows, bdk, bdv)
+        if self.gathers:
             work.wait()
             full = self._buffer(gathered)
             grads = backward_kernels(self.rest_calls, dout, q, full[0], full[1], out, lse, dq, s.kernels, s.scale)
             for rows, bdk, bdv in kv_pieces(grads):
                 dkv.add(rows, bdk, bdv)
-            mine = torch.empty(kv.shape, dtype=torch.float32, device=kv.device)
+            mine = torch.empty(sent.shape, dtype=torch.float32, device=kv.device)
             comm.reduce_scatter(mine, dkv.result())
+            if not self.sent.everything:  # the others' gradients of the sent rows, added to this rank's own
+                own = home.result()[0]
+                index = self.sent.index(s.rank, kv.device)
+                mine = own.index_add_(-2, index, mine[..., : index.numel(), :])
         else:
-            mine = dkv.result()[0]
+            mine = home.result()[s.rank if self.sent.everything else 0]
         return dq.result().to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
 
 

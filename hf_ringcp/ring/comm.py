@@ -43,11 +43,11 @@ class RingComm:
             raise ValueError("RingComm sends contiguous tensors only; call .contiguous() first.")
         if recv_buffer is None:
             recv_buffer = torch.empty_like(tensor, memory_format=torch.contiguous_format)
-        ops = [
-            dist.P2POp(dist.isend, tensor, self.send_peer, self.group),
-            dist.P2POp(dist.irecv, recv_buffer, self.recv_peer, self.group),
-        ]
-        self._pending = dist.batch_isend_irecv(ops)
+        # An empty buffer (a rank that sends no rows, layout="balanced") is not transferred: both ends know it.
+        ops = [dist.P2POp(op, x, peer, self.group)
+               for op, x, peer in ((dist.isend, tensor, self.send_peer), (dist.irecv, recv_buffer, self.recv_peer))
+               if x.numel()]
+        self._pending = dist.batch_isend_irecv(ops) if ops else []
         return recv_buffer
 
     def wait(self) -> None:
@@ -114,8 +114,9 @@ class LoopbackRingComm:
         if not tensor.is_contiguous():
             raise ValueError("RingComm sends contiguous tensors only")
         received = self.source(self.count)
-        if received.shape != tensor.shape or received.dtype != tensor.dtype:
-            raise AssertionError(f"loopback received {tuple(received.shape)} for a send of {tuple(tensor.shape)}")
+        expected = tensor if recv_buffer is None else recv_buffer
+        if received.shape != expected.shape or received.dtype != expected.dtype:
+            raise AssertionError(f"loopback received {tuple(received.shape)} for {tuple(expected.shape)}")
         self.count += 1
         self.pending = True
         return received

@@ -12,6 +12,10 @@ plan of a rank against any K/V buffer (:meth:`Placement.plan`). The layouts:
   ``2P``); the same as ``"zigzag"`` for one document.
 - ``"contiguous"``: rank ``r`` holds the ``r``-th of ``P`` equal slices.
 - ``"striped"``: token ``i`` lives on rank ``i mod P`` (length divisible by ``P``).
+- ``"balanced"``: for packed rows: short documents stay whole on one rank, long ones are zigzagged over all
+  ranks, and documents are cut into uneven pieces only where needed to give every rank the same tokens and the
+  same causal work (see :class:`Balanced`); only the rows other ranks' queries see travel (:class:`Travel`). One
+  document is placed exactly as ``"zigzag"`` places it (length divisible by ``2P``).
 
 A rank's local tensor is the concatenation of its segments in increasing global order. Everything here is pure
 index arithmetic, plus the two functions that move whole sequences (:func:`shard_sequence`,
@@ -20,7 +24,9 @@ index arithmetic, plus the two functions that move whole sequences (:func:`shard
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -56,7 +62,9 @@ class Placement:
     """Which global tokens each rank holds for one sequence (of ``seq_len`` tokens), as local segments.
 
     ``ranks[r]`` are rank ``r``'s segments in local order (``Segment.row`` is the local row of a segment's first
-    token); every rank holds ``local_len`` tokens. Built by :meth:`Layout.placement`.
+    token); every rank holds ``local_len`` tokens. Built by :meth:`Layout.placement`. A placement of only some of
+    the tokens (the buffers a ring sends, :attr:`Travel.buffers`) gives ``buffer_len``, the rows of each rank's
+    buffer.
     """
 
     layout: str
@@ -64,10 +72,11 @@ class Placement:
     world: int
     ranks: tuple[tuple[Segment, ...], ...]
     documents: tuple[int, ...] | None = None
+    buffer_len: int | None = None
 
     @property
     def local_len(self) -> int:
-        return self.seq_len // self.world
+        return self.seq_len // self.world if self.buffer_len is None else self.buffer_len
 
     def segments(self, rank: int) -> tuple[Segment, ...]:
         return self.ranks[rank]
@@ -85,19 +94,39 @@ class Placement:
     def inverse_rank_major(self) -> torch.Tensor:
         return torch.argsort(self.rank_major)
 
+    @cached_property
+    def _global_rows(self) -> dict[tuple[int, int], int]:
+        """``(rank, segment index) -> row`` of the segment in a buffer of every held token in global order.
+
+        The global index itself when every token is held (a layout's placement); rows close up over the tokens
+        that are not (the buffers of a :class:`Travel`).
+        """
+        order = sorted(((s.start, r, i, s.length) for r in range(self.world) for i, s in enumerate(self.ranks[r])))
+        rows, row = {}, 0
+        for _, r, i, n in order:
+            rows[r, i] = row
+            row += n
+        return rows
+
+    @property
+    def buffer_rows(self) -> int:
+        """Rows of a buffer holding every rank's tokens (:meth:`gathered`)."""
+        return sum(s.length for segments in self.ranks for s in segments)
+
     def gathered(self, exclude: int | None = None, global_order: bool = True) -> tuple[Segment, ...]:
         """Segments of a buffer holding every rank's tokens (for the all-gather variant).
 
-        ``global_order``: the buffer rows are the global indices (a reordered copy of the gathered parts); only
-        possible for stride-1 placements. Otherwise the buffer is rank-major, as the all-gather returns it. The
-        segments of rank ``exclude`` are left out (their rows are not attended through this buffer).
+        ``global_order``: the buffer rows are in global order (a reordered copy of the gathered parts; the global
+        index itself when every token is held); only possible for stride-1 placements. Otherwise the buffer is
+        rank-major, as the all-gather returns it. The segments of rank ``exclude`` are left out (their rows are not
+        attended through this buffer).
         """
         out = []
         for r in range(self.world):
             if r == exclude:
                 continue
-            for s in self.ranks[r]:
-                row = s.start if global_order else r * self.local_len + s.row
+            for i, s in enumerate(self.ranks[r]):
+                row = self._global_rows[r, i] if global_order else r * self.local_len + s.row
                 out.append(Segment(s.start, s.length, s.stride, row))
         if global_order:
             if any(s.stride != 1 for s in out):
@@ -108,14 +137,130 @@ class Placement:
     def moves(self, global_order: bool = True) -> tuple[tuple[int, int, int, int], ...]:
         """``(rank, local row, buffer row, length)`` of every segment in the buffer of :meth:`gathered`."""
         return tuple(
-            (r, s.row, s.start if global_order else r * self.local_len + s.row, s.length)
+            (r, s.row, self._global_rows[r, i] if global_order else r * self.local_len + s.row, s.length)
             for r in range(self.world)
-            for s in self.ranks[r]
+            for i, s in enumerate(self.ranks[r])
         )
 
     def plan(self, q: tuple[Segment, ...], kv: tuple[Segment, ...], mask: MaskSpec) -> tuple[BlockCall, ...]:
         """Kernel calls for queries held as ``q`` against a K/V buffer held as ``kv`` (see :mod:`.plan`)."""
         return plan_calls(q, kv, mask)
+
+    def travelling(self, mask: MaskSpec) -> Travel:
+        """What a ring sends of every rank's K/V under ``mask`` (cached; see :class:`Travel`).
+
+        For a layout with :attr:`Layout.sends_seen_rows_only` (``"balanced"``): the rows another rank's queries
+        can see; for the others every row.
+        """
+        cache = self.__dict__.setdefault("_travel", {})
+        found = cache.get(mask)
+        if found is None:
+            found = cache[mask] = Travel.of(self, mask)
+        return found
+
+
+@dataclass(frozen=True)
+class Travel:
+    """The K/V rows of every rank that a ring sends: for ``"balanced"`` only those another rank's queries see.
+
+    ``rows[r]``: rank ``r``'s local row ranges ``[a, b)`` that travel, in order; ``buffers``: a :class:`Placement`
+    of the sent buffers (rank ``r``'s travelling segments, ``row`` their row in its buffer; ``local_len`` the
+    largest buffer, which an all-gather pads every rank's to); ``everything``: every row travels (the buffers are
+    the local tensors as they are). A document that never leaves its rank is seen by no other rank, so with
+    ``"balanced"`` and no long document nothing travels at all (:attr:`nothing`).
+    """
+
+    rows: tuple[tuple[tuple[int, int], ...], ...]
+    buffers: Placement
+    everything: bool
+
+    @staticmethod
+    def of(placement: Placement, mask: MaskSpec) -> Travel:
+        world = placement.world
+        if not Layout._registry[placement.layout].sends_seen_rows_only or world == 1:
+            rows = tuple(((0, placement.local_len),) for _ in range(world))
+            return Travel(rows, placement, True)
+        rows = []
+        for owner in range(world):
+            # Every other rank's queries in one plan against the owner's rows: the calls' key ranges are the rows
+            # they may see (the planner owns visibility: causality, documents, windows).
+            others, row = [], 0
+            for r in range(world):
+                if r != owner:
+                    for s in placement.segments(r):
+                        others.append(Segment(s.start, s.length, s.stride, row))
+                        row += s.length
+            seen = sorted((c.kv_start, c.kv_end) for c in plan_calls(tuple(others), placement.segments(owner), mask))
+            ranges: list[list[int]] = []
+            for a, b in seen:
+                if ranges and a <= ranges[-1][1]:
+                    ranges[-1][1] = max(ranges[-1][1], b)
+                else:
+                    ranges.append([a, b])
+            rows.append(tuple((a, b) for a, b in ranges))
+        buffers = []
+        for owner, ranges in enumerate(rows):
+            out, row = [], 0
+            for s in placement.segments(owner):
+                for a, b in ranges:
+                    lo, hi = max(a, s.row), min(b, s.stop_row)
+                    if lo < hi:
+                        out.append(Segment(s.start + s.stride * (lo - s.row), hi - lo, s.stride, row))
+                        row += hi - lo
+            buffers.append(tuple(out))
+        size = max(sum(b - a for a, b in r) for r in rows)
+        return Travel(tuple(rows), Placement(placement.layout, placement.seq_len, world, tuple(buffers),
+                                             placement.documents, buffer_len=size), False)
+
+    def size(self, rank: int) -> int:
+        """Rows rank ``rank`` sends."""
+        return sum(b - a for a, b in self.rows[rank])
+
+    @property
+    def nothing(self) -> bool:
+        """No rank's queries see another rank's keys: the ring needs no communication."""
+        return all(not r for r in self.rows)
+
+    def index(self, rank: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Local rows of rank ``rank`` that travel: ``[size(rank)]`` int64 on ``device`` (cached per device)."""
+        cache = self.__dict__.setdefault("_index", {})
+        key = (rank, str(device))
+        if key not in cache:
+            parts = [torch.arange(a, b) for a, b in self.rows[rank]]
+            cache[key] = (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)).to(device)
+        return cache[key]
+
+    def take(self, x: torch.Tensor, rank: int, pad: bool = False) -> torch.Tensor:
+        """The travelling rows of ``rank``'s ``x`` ``[..., S_local, D]`` -> ``[..., size(rank), D]`` (contiguous;
+        ``x`` itself when everything travels); ``pad``: zero rows after them up to ``buffers.local_len``."""
+        if self.everything:
+            return x
+        rows = x.index_select(-2, self.index(rank, x.device))
+        if pad and rows.shape[-2] < self.buffers.local_len:
+            shape = (*x.shape[:-2], self.buffers.local_len - rows.shape[-2], x.shape[-1])
+            rows = torch.cat([rows, rows.new_zeros(shape)], dim=-2)
+        return rows
+
+    def put(self, home: torch.Tensor, sent: torch.Tensor, rank: int) -> torch.Tensor:
+        """``home`` ``[..., S_local, D]`` with its travelling rows replaced by ``sent`` (``sent`` itself when every
+        row travels); ``sent`` may carry padding rows after them."""
+        if self.everything:
+            return sent
+        n = self.size(rank)
+        return home.index_copy_(-2, self.index(rank, home.device), sent[..., :n, :])
+
+    def bytes_sent(self, rank: int, row_bytes: int, comm: str = "p2p") -> int:
+        """Bytes rank ``rank`` sends for one K/V pass (forward) of ``row_bytes`` per token row (K and V together).
+
+        ``p2p``: the buffers of the ``P - 1`` owners it forwards; ``allgather``: its padded buffer to each of the
+        ``P - 1`` others (the volume of a ring all-gather). Nothing when nothing travels.
+        """
+        world = self.buffers.world
+        if world == 1 or self.nothing:
+            return 0
+        if comm == "allgather":
+            return (world - 1) * self.buffers.local_len * row_bytes
+        return sum(self.size((rank - step) % world) for step in range(world - 1)) * row_bytes
 
 
 def _merge_adjacent(segments: list[Segment]) -> tuple[Segment, ...]:
@@ -137,6 +282,8 @@ class Layout:
     name: ClassVar[str] = ""
     #: True when the placement follows document boundaries (then every document must split evenly).
     per_document: ClassVar[bool] = False
+    #: True when a ring sends only the K/V rows other ranks' queries see (:class:`Travel`).
+    sends_seen_rows_only: ClassVar[bool] = False
     _registry: ClassVar[dict[str, type[Layout]]] = {}
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -287,6 +434,122 @@ class Striped(Layout):
 
     def _segments(self, rank, seq_len, docs):
         return [Segment(rank, seq_len // self.world, self.world, 0)]
+
+
+def _pairs(a: int, b: int) -> int:
+    """Causal attention pairs of a document's tokens at positions ``[a, b)``: ``sum(position + 1)``."""
+    return (b * (b + 1) - a * (a + 1)) // 2
+
+
+def _first_within(end: int, room: float) -> int:
+    """The smallest ``m >= 0`` with ``_pairs(m, end) <= room`` (the longest tail of ``[0, end)`` that fits)."""
+    need = end * (end + 1) - 2 * room  # m (m + 1) >= need
+    if need <= 0:
+        return 0
+    m = max(0, (math.isqrt(int(4 * need) + 1) - 1) // 2)
+    while m * (m + 1) < need:
+        m += 1
+    return min(m, end)
+
+
+@functools.lru_cache(maxsize=64)
+def balanced_pieces(world: int, seq_len: int, docs: tuple[int, ...] | None) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Global token ranges ``[a, b)`` each rank holds under ``"balanced"``, in global order (see :class:`Balanced`)."""
+    bounds = docs or (0, seq_len)
+    cap = seq_len // world
+    lengths = [(b - a, a) for a, b in itertools.pairwise(bounds)]
+    target = sum(_pairs(0, n) for n, _ in lengths) / world
+    tokens, work = [0] * world, [0] * world
+    pieces: list[list[tuple[int, int]]] = [[] for _ in range(world)]
+
+    def put(rank: int, start: int, a: int, b: int) -> None:
+        if a < b:
+            pieces[rank].append((start + a, start + b))
+            tokens[rank] += b - a
+            work[rank] += _pairs(a, b)
+
+    order = sorted(lengths, key=lambda d: (-d[0], d[1]))
+    # Long documents: longer than a rank's share, or heavier than the work a rank has left once the longer ones
+    # are spread (each one taken lowers what is left, so this is a fixed point, longest first).
+    long: list[tuple[int, int]] = []
+    room = target
+    for n, start in order if world > 1 else ():
+        if n > cap or _pairs(0, n) > room:
+            long.append((n, start))
+            room -= _pairs(0, n) / world
+    for n, start in long:
+        # Zigzag over all ranks: rank r's head chunk among the heads in rank order, its tail among the tails in
+        # reverse order; an uneven remainder goes to the ranks with the fewest tokens.
+        share = [n // world] * world
+        for r in sorted(range(world), key=lambda r: (tokens[r], r))[: n % world]:
+            share[r] += 1
+        heads = [x // 2 for x in share]
+        cursor = 0
+        for r in range(world):
+            put(r, start, cursor, cursor + heads[r])
+            cursor += heads[r]
+        for r in reversed(range(world)):
+            put(r, start, cursor, cursor + share[r] - heads[r])
+            cursor += share[r] - heads[r]
+    taken = set(long)
+    for n, start in order:
+        if (n, start) in taken:
+            continue
+        end = n
+        while end > 0:
+            fits = [r for r in range(world) if tokens[r] + end <= cap]
+            if fits:  # whole onto the least-loaded rank on both measures (after placing it)
+                whole = _pairs(0, end)
+                rank = min(fits, key=lambda r: (max((work[r] + whole) / max(target, 1), (tokens[r] + end) / cap),
+                                                tokens[r], r))
+                put(rank, start, 0, end)
+                break
+            # Cut to fill: the tail fills the rank with the most room, the head is placed next (and travels).
+            rank = max(range(world), key=lambda r: (cap - tokens[r], -r))
+            m = end - (cap - tokens[rank])
+            put(rank, start, m, end)
+            end = m
+    if tokens != [cap] * world:
+        raise AssertionError(f"balanced placement left ranks with {tokens} tokens, not {cap} each")
+    return tuple(tuple(sorted(p)) for p in pieces)
+
+
+class Balanced(ZigzagGlobal):
+    """Packed rows: documents stay whole on a rank where they can; only long ones are split.
+
+    The sharding contract: every rank holds ``S / P`` tokens (``S`` divisible by ``2P``, like ``"zigzag_global"``;
+    :mod:`hf_ringcp.integrations.batch` stretches the last document) and, as nearly as the documents allow, the
+    same causal work ``sum(position + 1)`` over its tokens (positions within their documents). Built by
+    :func:`balanced_pieces`, the same on every rank (a pure function of the documents):
+
+    1. long documents are zigzagged over all ranks: those longer than a rank's share, and, longest first, those
+       heavier than the work a rank has left once the longer ones are spread (so a row of one document is placed
+       exactly as ``"zigzag"`` places it);
+    2. the others, longest first, go whole onto the least-loaded rank on both measures (tokens and work);
+    3. a document that fits no rank's remaining tokens is cut: its tail fills the rank with the most room, its
+       head is placed the same way next.
+
+    A rank's segments are in global order. Under a causal mask a document held by one rank is seen by no other,
+    so a ring sends only the pieces of split documents (:class:`Travel`); with no long document and sizes that
+    balance, nothing at all. With ``P = 2`` and documents ``A`` (8 tokens), ``B`` (4), ``C`` (4), ``D`` (16),
+    ``A`` and ``D`` are heavier than what a rank can hold whole, so they are zigzagged; ``B`` and ``C`` stay home::
+
+        row     | A A A A A A A A | B B B B | C C C C | D D D D D D D D D D D D D D D D |
+        rank 0  | 0 0 . . . . 0 0 | 0 0 0 0 | . . . . | 0 0 0 0 . . . . . . . . 0 0 0 0 |  16 tokens, work 96
+        rank 1  | . . 1 1 1 1 . . | . . . . | 1 1 1 1 | . . . . 1 1 1 1 1 1 1 1 . . . . |  16 tokens, work 96
+
+    (work: ``sum(position + 1)`` over a rank's tokens, positions within their documents.)
+    """
+
+    name = "balanced"
+    sends_seen_rows_only = True
+
+    def _segments(self, rank, seq_len, docs):
+        out, row = [], 0
+        for a, b in balanced_pieces(self.world, seq_len, docs)[rank]:
+            out.append(Segment(a, b - a, 1, row))
+            row += b - a
+        return out
 
 
 LAYOUTS = Layout.names()

@@ -4,6 +4,10 @@ At step ``s`` rank ``r`` holds the K/V of rank ``(r - s) mod P`` and sends it on
 The backward sends K/V the same way and, one step behind, the float32 dK/dV accumulator of each block, which
 collects every rank's share and arrives back at the block's owner after ``P`` hops.
 
+What travels is :meth:`~hf_ringcp.ring.layout.Placement.travelling`'s: with ``layout="balanced"`` only the rows
+other ranks' queries see (buffers of different sizes per owner; nothing at all when no document is split), the
+rest stay home and their gradients too.
+
 The communicators are made by factories (``RingComm(group)`` on a real ring); ``benchmarks/ring_sim.py`` passes
 :class:`~hf_ringcp.ring.comm.LoopbackRingComm` factories that hand over other ranks' tensors in one process.
 """
@@ -36,25 +40,41 @@ class P2PRing(Variant):
     def __init__(self, setup: RankSetup, kv_comm: CommFactory | None, dkv_comm: CommFactory | None) -> None:
         super().__init__(setup)
         self.kv_comm, self.dkv_comm = kv_comm, dkv_comm
+        # What each rank sends (the sent buffers' segments); the ring runs only if anything travels.
+        self.sent = setup.placement.travelling(setup.mask)
+        self.steps = 1 if setup.world == 1 or self.sent.nothing else setup.world
 
     def step_calls(self, step: int) -> tuple[BlockCall, ...]:
-        """The calls of step ``step``: this rank's queries against the K/V of rank ``(rank - step) mod P``."""
+        """The calls of step ``step``: this rank's queries against its own K/V (step 0) or the buffer sent by rank
+        ``(rank - step) mod P``."""
         s = self.setup
-        return s.plan(s.placement.segments((s.rank - step) % s.world))
+        if step == 0:
+            return s.plan(s.own)
+        return s.plan(self.sent.buffers.segments((s.rank - step) % s.world))
+
+    def _incoming(self, sent: torch.Tensor, step: int) -> torch.Tensor | None:
+        """The receive buffer of step ``step`` (``None``: the shape of what is sent)."""
+        s = self.setup
+        if self.sent.everything:
+            return None
+        rows = self.sent.size((s.rank - step - 1) % s.world)
+        return sent.new_empty((*sent.shape[:-2], rows, sent.shape[-1]))
 
     def attend(self, q, k, v):
         s = self.setup
         kv = torch.stack([k, v])
         acc = OutputAccumulator(q)
-        comm = self.kv_comm() if s.world > 1 else None
-        for step in range(s.world):
-            last = step == s.world - 1
+        comm = self.kv_comm() if self.steps > 1 else None
+        held = kv
+        buf = self.sent.take(kv, s.rank)
+        for step in range(self.steps):
+            last = step == self.steps - 1
             if not last:
-                next_kv = comm.send_recv(kv)
-            forward_calls(self.step_calls(step), q, kv[0], kv[1], acc, s.kernels, s.scale)
+                next_buf = comm.send_recv(buf, self._incoming(buf, step))
+            forward_calls(self.step_calls(step), q, held[0], held[1], acc, s.kernels, s.scale)
             if not last:
                 comm.wait()
-                kv = next_kv
+                held = buf = next_buf
         return acc.result(q.dtype)
 
     def attend_backward(self, dout, q, k, v, out, lse):
@@ -64,32 +84,39 @@ class P2PRing(Variant):
         dout, out = like(dout, q), like(out, q)
         kv = torch.stack([k, v])
         dq = RowAccumulator(torch.empty_like(q, dtype=torch.float32))
-        kv_comm = self.kv_comm() if s.world > 1 else None
-        dkv_comm = self.dkv_comm() if s.world > 1 else None
+        ring = self.steps > 1
+        kv_comm = self.kv_comm() if ring else None
+        dkv_comm = self.dkv_comm() if ring else None
         incoming = None
-        for step in range(s.world):
-            last = step == s.world - 1
+        held = kv
+        buf = self.sent.take(kv, s.rank)
+        for step in range(self.steps):
+            last = step == self.steps - 1
             if not last:
-                next_kv = kv_comm.send_recv(kv)
-            grads = backward_kernels(self.step_calls(step), dout, q, kv[0], kv[1], out, lse, dq, s.kernels, s.scale)
+                next_buf = kv_comm.send_recv(buf, self._incoming(buf, step))
+            grads = backward_kernels(self.step_calls(step), dout, q, held[0], held[1], out, lse, dq, s.kernels,
+                                     s.scale)
             if step == 0:  # this rank's own block: a fresh accumulator
-                dkv = torch.empty(kv.shape, dtype=torch.float32, device=kv.device)
-                dk_acc, dv_acc = RowAccumulator(dkv[0]), RowAccumulator(dkv[1])
+                home = torch.empty(kv.shape, dtype=torch.float32, device=kv.device)
+                dk_acc, dv_acc = RowAccumulator(home[0]), RowAccumulator(home[1])
                 add_kv_grads(grads, dk_acc, dv_acc)
                 dk_acc.result()
                 dv_acc.result()
+                dkv = self.sent.take(home, s.rank)  # the rows that travel collect the others' gradients
             else:
                 dkv_comm.wait()
                 dkv = incoming
                 add_kv_grads(grads, dkv[0], dkv[1])
-            if s.world > 1:
-                incoming = dkv_comm.send_recv(dkv)
+            if ring:
+                incoming = dkv_comm.send_recv(dkv, self._incoming(dkv, step))
             if not last:
                 kv_comm.wait()
-                kv = next_kv
-        if s.world > 1:
+                held = buf = next_buf
+        if ring:
             dkv_comm.wait()
-            dkv = incoming
+            dkv = self.sent.put(home, incoming, s.rank)
+        else:
+            dkv = home
         return dq.result().to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
