@@ -268,6 +268,25 @@ def check_token_mixers(model: torch.nn.Module) -> None:
     )
 
 
+def check_value_head_dims(model: torch.nn.Module) -> None:
+    """Raise ``ValueError`` for attention whose value heads are narrower or wider than its query/key heads.
+
+    Multi-head latent attention (MLA: DeepSeek-V2/V3, Kimi-K2, MiniCPM3, GLM-4-MoE-Lite) gives its attention
+    modules ``qk_head_dim`` != ``v_head_dim``; the ring's kernels take K and V of one shape. Found by module (the
+    attributes above), named in the message.
+    """
+    base = unwrap(model, through_peft=True)
+    for path, module in base.named_modules():
+        qk, v = getattr(module, "qk_head_dim", None), getattr(module, "v_head_dim", None)
+        if isinstance(qk, int) and isinstance(v, int) and qk != v:
+            raise ValueError(
+                'attn_implementation="ring" under context parallelism does not support multi-head latent '
+                f"attention (MLA) with a value head dim different from the query/key head dim: {path} "
+                f"({type(module).__name__}: qk_head_dim={qk}, v_head_dim={v}); the ring's kernels need K and V "
+                "of one shape. Train this model without context parallelism (cp_size=1)."
+            )
+
+
 # Configs of models prepared by prepare_model (by id, with a weak reference to tell a reused id apart).
 _PREPARED: dict[int, weakref.ref] = {}
 
@@ -276,20 +295,21 @@ def prepare_model(model: torch.nn.Module, *, cp_size: int | None = None) -> torc
     """Make ``model`` exact under context parallelism where its own code would differ per rank (idempotent).
 
     Today: rotary embeddings with position-dependent frequencies get the global maximum position (see the
-    module docstring); layers that mix tokens outside attention are refused (:func:`check_token_mixers`). The
+    module docstring); layers that mix tokens outside attention (:func:`check_token_mixers`) and multi-head latent
+    attention with a value head dim of its own (:func:`check_value_head_dims`) are refused. The
     plugin, :class:`hf_ringcp.RingCPCallback`, :func:`hf_ringcp.causal_lm_loss` and :func:`hf_ringcp.generate`
     call it; call it yourself before running ``model(**batch)`` inside :func:`hf_ringcp.context_parallel`.
 
     Args:
         model: the model, possibly wrapped (DDP, FSDP, ``torch.compile``, peft).
-        cp_size: the number of ranks sharing a sequence; ``1`` skips the refusal of token mixers (one rank sees
+        cp_size: the number of ranks sharing a sequence; ``1`` skips the refusals (one rank sees
             the whole sequence), ``None`` (unknown) refuses them as for several ranks.
 
-    Returns ``model``. Raises ``ValueError`` for a model that mixes tokens outside attention (unless
-    ``cp_size == 1``).
+    Returns ``model``. Raises ``ValueError`` for a model it refuses (unless ``cp_size == 1``).
     """
     if cp_size != 1:
         check_token_mixers(model)
+        check_value_head_dims(model)
     for module in unwrap(model).modules():
         if is_position_dependent_rope(module) and not getattr(module, "_hf_ringcp_global_rope", False):
             hooks = _GlobalMaxPosition()
