@@ -59,7 +59,15 @@ def library_refusal(config: Any) -> str | None:
     import hf_ringcp
     from hf_ringcp.check.rank import is_refusal
 
-    model = _build(_text_config(config), "ring", "meta")
+    try:
+        model = _build(_text_config(config), "ring", "meta")
+    except KeyError as err:
+        if err.args != ("ring",):
+            raise
+        # Models that look their attention class up by name (GPT-Neo, GIT) have no entry for "ring".
+        return ('attn_implementation="ring" under context parallelism does not support this model: its attention '
+                'classes are chosen by name and have no "ring" entry (it does not dispatch through transformers\' '
+                "AttentionInterface). Train this model without context parallelism (cp_size=1).")
     try:
         hf_ringcp.prepare_model(model)
     except ValueError as err:

@@ -153,7 +153,7 @@ class _GlobalMaxPosition:
 # "Recurrent" also names that family's norms and MLPs.
 _MIXER_CLASS_ENDINGS = (
     "Mixer", "MambaLayer", "GatedDeltaNet", "DeltaNet", "DeltaAttention", "LinearAttention", "LightningAttention",
-    "ShortConv", "ShortConvolution", "Rglru", "RecurrentBlock", "LSTMLayer", "LSTMBlock", "Retention",
+    "ShortConv", "ShortConvolution", "Rglru", "RecurrentBlock", "LSTMLayer", "Retention",
 )
 # Parameters of state-space and gated-delta decays (Mamba's A_log/dt_bias, RWKV's time_decay/time_first) and of
 # token shifts (RWKV's time_mix_*): each exists only to carry information from earlier tokens.
@@ -195,7 +195,9 @@ def _mixer_reason(module: torch.nn.Module, prefix: str) -> str | None:
         return f"a convolution along the sequence (Conv1d, kernel_size={module.kernel_size[0]})"
     name = type(module).__name__
     own = name[len(prefix):] if prefix and name.startswith(prefix) else name
-    ending = next((e for e in _MIXER_CLASS_ENDINGS if own.endswith(e)), None)
+    # The full name too (xLSTM's "xLSTMLayer"), except for attention endings: "KimiLinear" + "Attention" is softmax.
+    ending = next((e for e in _MIXER_CLASS_ENDINGS
+                   if own.endswith(e) or (name.endswith(e) and not e.endswith("Attention"))), None)
     if ending is not None:
         return f"a recurrent / linear-attention token mixer (class name ending in {ending!r})"
     local = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
