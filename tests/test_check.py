@@ -28,7 +28,7 @@ from transformers import (
 
 from hf_ringcp.check import EXIT_ERROR, EXIT_MISMATCH, EXIT_PASS, EXIT_REFUSED, CheckSpec, judge, shrink_config
 from hf_ringcp.check.cli import main
-from hf_ringcp.check.rank import ATTENTION, LAYER, check_rank, worst_gradient
+from hf_ringcp.check.rank import ATTENTION, LAYER, check_rank, measure, rel_error, worst_gradient
 from hf_ringcp.check.report import format_text
 from hf_ringcp.check.spec import Tolerances
 from hf_ringcp.ring.p2p import P2PRing
@@ -264,3 +264,21 @@ def test_shrink_zeroes_dropout_outside_attention_only() -> None:
     c = shrink_config(Phi3Config(**TINY, resid_pdrop=0.1, embd_pdrop=0.1, attention_dropout=0.1,
                                  pad_token_id=0)).config
     assert (c.resid_pdrop, c.embd_pdrop, c.attention_dropout) == (0.0, 0.0, 0.1)
+
+
+def test_an_all_zero_reference_fails_unless_matched_exactly() -> None:
+    zero = torch.zeros(3, 4)
+    assert rel_error(zero, zero) == 0.0  # a parameter neither run moves: exact
+    assert rel_error(torch.full((3, 4), 1e-30), zero) == float("inf")  # any change from zero is infinitely wrong
+    assert rel_error(torch.ones(2), torch.tensor([0.0, 2.0])) == 0.5  # max|diff| / max|ref|
+    # Through the verdict: a gradient the reference leaves at zero (e.g. an embedding row no token uses) but the
+    # ring does not fails the grads row, however small the ring's value.
+    ring = {"logits": torch.ones(1, 2, 3), "loss": torch.tensor(1.0), "hidden": {}, "order": [],
+            "grads": {"used": torch.ones(2), "unused": torch.tensor([0.0, 1e-12])}}
+    ref = {"logits": torch.ones(1, 2, 3), "loss": torch.tensor(1.0), "hidden": {},
+           "grads": {"used": torch.ones(2), "unused": torch.zeros(2)}}
+    measured = measure(ring, ref, torch.ones(1, 2, dtype=torch.bool))
+    assert measured["grads"] == {"used": 0.0, "unused": float("inf")} and measured["worst_grad"] == "unused"
+    verdict = judge(measured, Tolerances())
+    assert verdict["status"] == "fail" and verdict["exit_code"] == EXIT_MISMATCH
+    assert [r["quantity"] for r in verdict["rows"] if not r["passed"]] == ["grads"]

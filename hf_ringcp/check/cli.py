@@ -15,9 +15,10 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
+from hf_ringcp.check.preflight import preflight
 from hf_ringcp.check.rank import check_rank
-from hf_ringcp.check.report import EXIT_ERROR, format_json, format_text, judge, merge_ranks
-from hf_ringcp.check.shrink import Shrunk, shrink_config
+from hf_ringcp.check.report import EXIT_ERROR, EXIT_REFUSED, format_json, format_text, judge, merge_ranks
+from hf_ringcp.check.shrink import Shrunk
 from hf_ringcp.check.spawn import SpawnError, spawn_ranks
 from hf_ringcp.check.spec import PADDING_SIDES, CheckSpec, Tolerances
 from hf_ringcp.ring import BACKEND_NAMES, COMM_NAMES, LAYOUTS
@@ -193,7 +194,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cp = args.cp if args.cp is not None else (world if launched_by_torchrun() else 2)
         if launched_by_torchrun() and cp != world:
             raise ValueError(f"--cp {cp} differs from torchrun's world size {world}; omit --cp or make them equal.")
-        shrunk = shrink_config(load_config(args.model, args.trust_remote_code), shrink=not args.no_shrink)
+        checked = preflight(load_config(args.model, args.trust_remote_code), shrink=not args.no_shrink)
+        if checked.refusal is not None:  # decided from the model's modules: no rank needs to start
+            result = {"status": "refused", "message": checked.refusal, "exit_code": EXIT_REFUSED,
+                      "seconds": round(time.monotonic() - started, 1)}
+            _report(args, result, extra, [f"hf_ringcp.check: {args.model}"], tolerances)
+            return EXIT_REFUSED
+        shrunk = checked.shrunk
         device = "cuda" if launched_by_torchrun() and torch.cuda.is_available() else "cpu"
         spec = CheckSpec(config=shrunk.config, cp=cp, layout=args.layout, comm=args.comm, backend=args.backend,
                          ulysses_size=args.ulysses_size, seq_len=args.seq_len, packed=args.packed, padded=args.padded,

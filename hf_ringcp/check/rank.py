@@ -178,6 +178,31 @@ def _summed_grads(model: torch.nn.Module, group) -> dict[str, torch.Tensor | Non
     return grads
 
 
+_SCALE_KEYS = ("logit_scale", "logits_scaling")
+
+
+def measured_logits_transform(model: torch.nn.Module, ids: torch.Tensor):
+    """The logit scaling the model's own forward applies after its head, measured; ``None`` if it has none.
+
+    :func:`hf_ringcp.causal_lm_loss` asks for ``logits_transform`` when the config has ``logit_scale`` /
+    ``logits_scaling`` (Cohere multiplies by it, Granite divides): the check compares the model's logits with
+    its head's output on a few tokens in this process (no ring involved) and passes the transform that matches.
+    """
+    config = unwrap(model, through_peft=True).config.get_text_config(decoder=True)
+    key = next((k for k in _SCALE_KEYS if getattr(config, k, None) not in (None, 1.0)), None)
+    if key is None:
+        return None
+    scale = float(getattr(config, key))
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        head = model.get_output_embeddings()
+        raw = head(model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state).float()
+    for transform in (lambda x: x * scale, lambda x: x / scale):
+        if torch.allclose(transform(raw), logits, rtol=1e-4, atol=1e-5):
+            return transform
+    raise RuntimeError(f"the model's logits are neither its head's output times nor divided by {key}={scale}.")
+
+
 def ring_step(model: torch.nn.Module, spec: CheckSpec, full: dict[str, torch.Tensor], group) -> dict[str, Any]:
     """Forward (logits and layer outputs) and training step of ``model`` under context parallelism.
 
@@ -185,6 +210,7 @@ def ring_step(model: torch.nn.Module, spec: CheckSpec, full: dict[str, torch.Ten
     the layer outputs ``hidden`` (``[B, S, H]`` each), all unsharded.
     """
     taps = LayerTaps(model)
+    transform = measured_logits_transform(model, full["input_ids"][:1, :8])  # outside the CP context: one process
     with hf_ringcp.context_parallel(group, layout=spec.layout, comm=spec.comm, backend=spec.backend,
                                     ulysses_size=spec.ulysses_size):
         batch = hf_ringcp.shard_batch(full, group, layout=spec.layout)
@@ -192,7 +218,7 @@ def ring_step(model: torch.nn.Module, spec: CheckSpec, full: dict[str, torch.Ten
         inputs = {k: v for k, v in batch.items() if k != "shift_labels"}
         with taps, torch.no_grad():
             logits = model(**inputs, use_cache=False).logits
-        loss = hf_ringcp.causal_lm_loss(model, batch, group=group)
+        loss = hf_ringcp.causal_lm_loss(model, batch, group=group, logits_transform=transform)
         loss.backward()  # inside the block: checkpointed layers recompute the ring attention here
     info = batch.get(SHARD_KEY)
     total = loss.detach().clone()

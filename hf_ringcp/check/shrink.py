@@ -11,6 +11,7 @@ attention dropout is kept, since the ring refuses it in training and the check m
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,14 +143,27 @@ def _zero_dropout(values: dict[str, Any]) -> list[str]:
     return changes
 
 
-def _shrink_widths(values: dict[str, Any], heads: int, head_dim: int) -> list[str]:
+def _key(config: Any, name: str) -> str:
+    """The key of the standard setting ``name`` in ``config.to_dict()`` (GPT-2's ``n_layer``, ``n_embd``, ...)."""
+    return getattr(config, "attribute_map", {}).get(name, name)
+
+
+def _settable_head_dim(config: Any) -> bool:
+    # Some configs (Falcon) derive head_dim in a read-only property.
+    attr = inspect.getattr_static(type(config), "head_dim", None)
+    return not (isinstance(attr, property) and attr.fset is None)
+
+
+def _shrink_widths(values: dict[str, Any], heads: int, head_dim: int, config: Any) -> list[str]:
     changes = []
-    hidden = values["hidden_size"]
+    hidden_key = _key(config, "hidden_size")
+    hidden = values[hidden_key]
     narrow = _narrow_hidden(hidden, heads)
     if narrow < hidden:
-        values["hidden_size"] = narrow
-        changes.append(f"hidden_size: {hidden} -> {narrow}")
-    values["head_dim"] = head_dim  # explicit: many models derive it from hidden_size otherwise
+        values[hidden_key] = narrow
+        changes.append(f"{hidden_key}: {hidden} -> {narrow}")
+    if _settable_head_dim(config):
+        values["head_dim"] = head_dim  # explicit: many models derive it from hidden_size otherwise
     for key in _MLP_KEYS:
         if isinstance(values.get(key), int) and values[key] > 2 * narrow:
             changes.append(f"{key}: {values[key]} -> {2 * narrow}")
@@ -166,18 +180,19 @@ def _shrink_widths(values: dict[str, Any], heads: int, head_dim: int) -> list[st
     return changes
 
 
-def _shrink_layers(values: dict[str, Any]) -> tuple[list[int], list[str]]:
-    num_layers = int(values["num_hidden_layers"])
+def _shrink_layers(values: dict[str, Any], config: Any) -> tuple[list[int], list[str]]:
+    layers_key = _key(config, "num_hidden_layers")
+    num_layers = int(values[layers_key])
     per_layer = per_layer_lists(values, num_layers)
     keep = representative_layers(per_layer, num_layers)
     if len(keep) == num_layers:
         return keep, []
-    values["num_hidden_layers"] = len(keep)
+    values[layers_key] = len(keep)
     for key, lst in per_layer.items():
         values[key] = [lst[i] for i in keep]
     kinds = sorted({str(x) for x in per_layer.get("layer_types", [])})
     why = f"; layer types kept: {', '.join(kinds)}" if kinds else ""
-    return keep, [f"num_hidden_layers: {num_layers} -> {len(keep)} (original layers {keep}{why})"]
+    return keep, [f"{layers_key}: {num_layers} -> {len(keep)} (original layers {keep}{why})"]
 
 
 def _honours_head_dim(config: Any, heads: int, kv: int, head_dim: int) -> bool:
@@ -212,12 +227,14 @@ def _describe_kept(config: Any) -> list[str]:
     return kept
 
 
-def shrink_config(config: Any, *, shrink: bool = True) -> Shrunk:
+def shrink_config(config: Any, *, shrink: bool = True, layers: bool = True, widths: bool = True) -> Shrunk:
     """A config of the same attention path as ``config``, small enough to check in seconds on a CPU.
 
     Args:
         config: a transformers config (a composite config is reduced to its text model).
         shrink: ``False`` keeps every size (only the text model is taken and non-attention dropout zeroed).
+        layers, widths: ``False`` keeps the number of layers / the widths (for models whose config validation
+            or code do not survive that part of the shrinking); the vocabulary is shrunk either way.
 
     Returns:
         A :class:`Shrunk` with the new config and the list of changes. Raises ``AssertionError`` if rebuilding the
@@ -230,17 +247,19 @@ def shrink_config(config: Any, *, shrink: bool = True) -> Shrunk:
     values = text.to_dict()
     values.pop("quantization_config", None)
     heads, kv, head_dim = head_layout(text)
-    result.layers = list(range(int(values["num_hidden_layers"])))
-    if shrink:
-        result.layers, layer_changes = _shrink_layers(values)
+    result.layers = list(range(int(values[_key(text, "num_hidden_layers")])))
+    if shrink and layers:
+        result.layers, layer_changes = _shrink_layers(values, text)
         result.changes += layer_changes
+    if shrink and widths:
         original = dict(values)
-        width_changes = _shrink_widths(values, heads, head_dim)
+        width_changes = _shrink_widths(values, heads, head_dim, text)
         if width_changes and not _honours_head_dim(type(text).from_dict(dict(values)), heads, kv, head_dim):
             values = original  # this model derives head_dim from hidden_size: keep the widths
             width_changes = []
             result.notes.append("hidden_size kept: this model derives its head layout from hidden_size")
         result.changes += width_changes
+    if shrink:
         vocab = values.get("vocab_size")
         if isinstance(vocab, int) and vocab > VOCAB:
             values["vocab_size"] = VOCAB

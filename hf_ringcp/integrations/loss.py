@@ -211,7 +211,7 @@ def causal_lm_loss(
             "hf_ringcp.shard_batch(batch, group, layout=...) from a batch that has `labels`."
         )
     group, world = _cp_group(group)
-    prepare_model(model)
+    prepare_model(model, cp_size=world)
     if logits_transform is None:
         logits_transform = logits_transform_for(model)
     loss_sum, count = _loss_through_forward(model, sharded_batch, labels, chunk_size, logits_transform)

@@ -8,12 +8,18 @@ is sharded. Forward hooks on those modules (hooks only: no transformers code is 
 the maximum position of the *global* batch: the pre-hook appends that position as one extra column of
 ``position_ids``, and the post-hook drops its column from the outputs, so every real token is rotated exactly
 as in the unsharded model.
+
+What it cannot make exact it refuses: layers that mix tokens along the sequence outside the attention interface
+(:func:`find_token_mixers`: linear / lightning / gated-delta attention, Mamba and other state-space mixers,
+short and causal convolutions, RWKV / xLSTM / RG-LRU recurrences) would each see only their rank's shard of the
+sequence, so :func:`prepare_model` raises before the first step, naming every such module.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -140,19 +146,172 @@ class _GlobalMaxPosition:
         return tuple(drop(x) for x in output) if isinstance(output, tuple) else drop(output)
 
 
+# ------------------------------------------------------------------------------- token mixers outside attention
+
+# Endings of class names (after the model's own prefix, e.g. "MiniMax") of modules that mix tokens by a recurrence
+# or a scan instead of the attention interface. Endings, not substrings: a family prefix such as "Mamba" or
+# "Recurrent" also names that family's norms and MLPs.
+_MIXER_CLASS_ENDINGS = (
+    "Mixer", "MambaLayer", "GatedDeltaNet", "DeltaNet", "DeltaAttention", "LinearAttention", "LightningAttention",
+    "ShortConv", "ShortConvolution", "Rglru", "RecurrentBlock", "LSTMLayer", "Retention",
+)
+# Parameters of state-space and gated-delta decays (Mamba's A_log/dt_bias, RWKV's time_decay/time_first) and of
+# token shifts (RWKV's time_mix_*): each exists only to carry information from earlier tokens.
+_RECURRENT_PARAMETERS = ("A_log", "dt_bias", "time_decay", "time_first")
+_TOKEN_SHIFT_PREFIX = "time_mix"
+_ARCHITECTURE_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration", "LMHeadModel", "Model")
+# Towers that encode their own inputs (pixels, audio frames), never the sharded token sequence: their convolutions
+# are not token mixers. Matched against the parts of a module's path.
+_OTHER_MODALITIES = ("audio", "vision", "visual", "image", "video", "speech")
+
+
+@dataclass(frozen=True)
+class TokenMixer:
+    """A module that mixes tokens along the sequence outside the attention interface.
+
+    Attributes:
+        path: its name in ``model.named_modules()`` (e.g. ``"model.layers.0.linear_attn"``).
+        kind: its class name.
+        why: what identified it (a class-name ending, a recurrent parameter, a convolution's kernel size).
+    """
+
+    path: str
+    kind: str
+    why: str
+
+
+def _model_prefix(model: torch.nn.Module) -> str:
+    name = type(model).__name__
+    for suffix in _ARCHITECTURE_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return ""
+
+
+def _mixer_reason(module: torch.nn.Module, prefix: str) -> str | None:
+    """Why ``module`` mixes tokens along the sequence, or ``None``."""
+    if isinstance(module, torch.nn.Conv1d) and module.kernel_size[0] > 1:
+        # In a decoder the convolved axis is the sequence (short/causal convolutions of Mamba, LFM2, GatedDeltaNet).
+        return f"a convolution along the sequence (Conv1d, kernel_size={module.kernel_size[0]})"
+    name = type(module).__name__
+    own = name[len(prefix):] if prefix and name.startswith(prefix) else name
+    # The full name too (xLSTM's "xLSTMLayer"), except for attention endings: "KimiLinear" + "Attention" is softmax.
+    ending = next((e for e in _MIXER_CLASS_ENDINGS
+                   if own.endswith(e) or (name.endswith(e) and not e.endswith("Attention"))), None)
+    if ending is not None:
+        return f"a recurrent / linear-attention token mixer (class name ending in {ending!r})"
+    local = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
+    recurrent = [n for n in local if n in _RECURRENT_PARAMETERS]
+    if recurrent:
+        return f"a state-space / recurrent decay (parameter {recurrent[0]!r})"
+    shift = [n for n in local if n.startswith(_TOKEN_SHIFT_PREFIX)]
+    if shift:
+        return f"a token shift (parameter {shift[0]!r})"
+    return None
+
+
+def _decoder(base: torch.nn.Module) -> torch.nn.Module:
+    """The text decoder of ``base`` (its towers for images or audio never see the sharded sequence)."""
+    get = getattr(base, "get_decoder", None)
+    if callable(get):
+        try:
+            decoder = get()
+        except (AttributeError, NotImplementedError, ValueError):
+            decoder = None
+        if isinstance(decoder, torch.nn.Module):
+            return decoder
+    return base
+
+
+def find_token_mixers(model: torch.nn.Module) -> list[TokenMixer]:
+    """Every module of ``model``'s text decoder that mixes tokens along the sequence outside attention.
+
+    Found from the modules themselves, not from a list of model families: a ``Conv1d`` whose kernel spans more
+    than one token, a class whose name (after the model's own prefix) ends like a recurrent or linear-attention
+    mixer (``...Mixer``, ``...GatedDeltaNet``, ``...LightningAttention``, ``...ShortConv``, ...), or a module owning
+    a state-space / recurrent decay parameter (``A_log``, ``dt_bias``, ``time_decay``) or a token shift
+    (``time_mix_*``). Only the outermost such module is listed (a Mamba mixer, not also its ``conv1d``).
+
+    ``model`` may be wrapped (DDP, FSDP, ``torch.compile``, peft).
+    """
+    base = unwrap(model, through_peft=True)
+    names = {id(m): n for n, m in base.named_modules()}
+    prefix = _model_prefix(base)
+    found: list[TokenMixer] = []
+    for module in _decoder(base).modules():
+        path = names.get(id(module), type(module).__name__)
+        if any(path.startswith(f"{f.path}.") for f in found):
+            continue  # inside a module already listed
+        if any(m in part.lower() for part in path.split(".") for m in _OTHER_MODALITIES):
+            continue
+        why = _mixer_reason(module, prefix)
+        if why is not None:
+            found.append(TokenMixer(path=path, kind=type(module).__name__, why=why))
+    return found
+
+
+def check_token_mixers(model: torch.nn.Module) -> None:
+    """Raise ``ValueError`` naming every module of ``model`` that :func:`find_token_mixers` finds.
+
+    Under context parallelism each such module would see only its rank's shard of the sequence: its recurrence
+    or convolution would restart at every shard boundary and train silently wrong.
+    """
+    found = find_token_mixers(model)
+    if not found:
+        return
+    shown = "; ".join(f"{m.path} ({m.kind}: {m.why})" for m in found[:8])
+    more = f"; and {len(found) - 8} more" if len(found) > 8 else ""
+    raise ValueError(
+        'attn_implementation="ring" under context parallelism does not support layers that mix tokens along '
+        f"the sequence outside attention: {len(found)} found, {shown}{more}. Each would see only its rank's shard "
+        "of the sequence (its state or convolution restarting at every shard boundary), so training would be "
+        "silently wrong; train this model without context parallelism (cp_size=1, e.g. with "
+        "attn_implementation='sdpa' and a shorter sequence or activation checkpointing)."
+    )
+
+
+def check_value_head_dims(model: torch.nn.Module) -> None:
+    """Raise ``ValueError`` for attention whose value heads are narrower or wider than its query/key heads.
+
+    Multi-head latent attention (MLA: DeepSeek-V2/V3, Kimi-K2, MiniCPM3, GLM-4-MoE-Lite) gives its attention
+    modules ``qk_head_dim`` != ``v_head_dim``; the ring's kernels take K and V of one shape. Found by module (the
+    attributes above), named in the message.
+    """
+    base = unwrap(model, through_peft=True)
+    for path, module in base.named_modules():
+        qk, v = getattr(module, "qk_head_dim", None), getattr(module, "v_head_dim", None)
+        if isinstance(qk, int) and isinstance(v, int) and qk != v:
+            raise ValueError(
+                'attn_implementation="ring" under context parallelism does not support multi-head latent '
+                f"attention (MLA) with a value head dim different from the query/key head dim: {path} "
+                f"({type(module).__name__}: qk_head_dim={qk}, v_head_dim={v}); the ring's kernels need K and V "
+                "of one shape. Train this model without context parallelism (cp_size=1)."
+            )
+
+
 # Configs of models prepared by prepare_model (by id, with a weak reference to tell a reused id apart).
 _PREPARED: dict[int, weakref.ref] = {}
 
 
-def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
+def prepare_model(model: torch.nn.Module, *, cp_size: int | None = None) -> torch.nn.Module:
     """Make ``model`` exact under context parallelism where its own code would differ per rank (idempotent).
 
     Today: rotary embeddings with position-dependent frequencies get the global maximum position (see the
-    module docstring). The plugin, :class:`hf_ringcp.RingCPCallback` and :func:`hf_ringcp.causal_lm_loss` call
-    it; call it yourself before running ``model(**batch)`` inside :func:`hf_ringcp.context_parallel`.
+    module docstring); layers that mix tokens outside attention (:func:`check_token_mixers`) and multi-head latent
+    attention with a value head dim of its own (:func:`check_value_head_dims`) are refused. The
+    plugin, :class:`hf_ringcp.RingCPCallback`, :func:`hf_ringcp.causal_lm_loss` and :func:`hf_ringcp.generate`
+    call it; call it yourself before running ``model(**batch)`` inside :func:`hf_ringcp.context_parallel`.
 
-    Returns ``model``.
+    Args:
+        model: the model, possibly wrapped (DDP, FSDP, ``torch.compile``, peft).
+        cp_size: the number of ranks sharing a sequence; ``1`` skips the refusals (one rank sees
+            the whole sequence), ``None`` (unknown) refuses them as for several ranks.
+
+    Returns ``model``. Raises ``ValueError`` for a model it refuses (unless ``cp_size == 1``).
     """
+    if cp_size != 1:
+        check_token_mixers(model)
+        check_value_head_dims(model)
     for module in unwrap(model).modules():
         if is_position_dependent_rope(module) and not getattr(module, "_hf_ringcp_global_rope", False):
             hooks = _GlobalMaxPosition()

@@ -251,7 +251,7 @@ class ContextParallelPlugin:
     def prepare_model(self, model: torch.nn.Module) -> None:
         """Check ``model`` uses ``"ring"``, make it exact under CP and apply the opt-in MLP tiling (idempotent)."""
         check_ring_model(model)
-        prepare_model(model)
+        prepare_model(model, cp_size=self.cp_size)
         if self.mlp_tile_tokens and not getattr(model, "_hf_ringcp_tiled", False):
             tile_mlp(model, self.mlp_tile_tokens)
             model._hf_ringcp_tiled = True
