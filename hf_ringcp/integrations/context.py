@@ -182,6 +182,21 @@ def context_parallel(
         _ACTIVE.pop(token)
 
 
+class _CallCounter:
+    """How many times ``attn_implementation="ring"`` was called in this process (a lock-free counter read by
+    :func:`hf_ringcp.prepare_model`'s decoder hooks to tell a model that never dispatched to it)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def record(self) -> None:
+        self.count += 1
+
+
+#: Calls of the ``"ring"`` attention function; see :class:`_CallCounter`.
+RING_CALLS = _CallCounter()
+
+
 def get_context() -> RingContext | None:
     """The innermost active :class:`RingContext` (in any thread of this process), or ``None``."""
     return _ACTIVE.top()

@@ -34,7 +34,7 @@ from transformers.masking_utils import (
 # The module, not its names: importing hf_ringcp.integrations.generation first imports this one halfway.
 from hf_ringcp.integrations import generation as _generation
 from hf_ringcp.integrations.batch import SHARD_KEY, ShardInfo, is_shard_mask, position_fingerprint
-from hf_ringcp.integrations.context import RingContext, get_context, make_context
+from hf_ringcp.integrations.context import RING_CALLS, RingContext, get_context, make_context
 from hf_ringcp.integrations.models import needs_preparation
 from hf_ringcp.ring import local_positions, ring_attention
 from hf_ringcp.ring.group import group_rank_and_size
@@ -326,6 +326,7 @@ def ring_attention_forward(
         over the keys of its own document at global positions ``<=`` its own (within the layer's sliding
         window), across the ranks of the active group.
     """
+    RING_CALLS.record()
     if _generation.decoding_cache() is not None:
         _check_scores(kwargs)
         return _generation.decode_step(module, query, scaling, kwargs, _window_of(module, kwargs)), None

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hf_ringcp.integrations.context import get_context
+from hf_ringcp.integrations.context import RING_CALLS, get_context
 
 
 def unwrap(model: torch.nn.Module, *, through_peft: bool = False) -> torch.nn.Module:
@@ -289,6 +289,37 @@ def check_value_head_dims(model: torch.nn.Module) -> None:
             )
 
 
+class _MustReachRing:
+    """Decoder hooks: a forward under context parallelism (more than one rank) must call ``"ring"`` attention.
+
+    A model whose attention does not dispatch through transformers' ``AttentionInterface`` (its class has
+    ``_supports_attention_backend=False`` and computes attention itself, e.g. BLOOM) accepts
+    ``attn_implementation="ring"`` and then attends within each rank's shard only: every loss would be silently
+    wrong. The pre-hook notes the call count, the post-hook raises if it did not move.
+    """
+
+    def __init__(self) -> None:
+        self.before: int | None = None
+
+    def pre(self, module: torch.nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():  # a traced hook would bake the count in; the eager runs check it
+            self.before = None
+            return
+        ctx = get_context()
+        self.before = RING_CALLS.count if ctx is not None and ctx.cp_enabled else None
+
+    def post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        if self.before is not None and RING_CALLS.count == self.before:
+            raise ValueError(
+                f'attn_implementation="ring" was never called in a forward of {type(module).__name__} under context '
+                "parallelism: its attention does not dispatch through transformers' AttentionInterface, so each rank "
+                "would attend within its own shard only. Train this model without context parallelism (cp_size=1)."
+            )
+        self.before = None
+
+
 # Configs of models prepared by prepare_model (by id, with a weak reference to tell a reused id apart).
 _PREPARED: dict[int, weakref.ref] = {}
 
@@ -298,7 +329,8 @@ def prepare_model(model: torch.nn.Module, *, cp_size: int | None = None) -> torc
 
     Today: rotary embeddings with position-dependent frequencies get the global maximum position (see the
     module docstring); layers that mix tokens outside attention (:func:`check_token_mixers`) and multi-head latent
-    attention with a value head dim of its own (:func:`check_value_head_dims`) are refused. The
+    attention with a value head dim of its own (:func:`check_value_head_dims`) are refused, and a decoder forward
+    under context parallelism that never reaches ``"ring"`` attention (a model computing attention itself) raises. The
     plugin, :class:`hf_ringcp.RingCPCallback`, :func:`hf_ringcp.causal_lm_loss` and :func:`hf_ringcp.generate`
     call it; call it yourself before running ``model(**batch)`` inside :func:`hf_ringcp.context_parallel`.
 
@@ -312,6 +344,13 @@ def prepare_model(model: torch.nn.Module, *, cp_size: int | None = None) -> torc
     if cp_size != 1:
         check_token_mixers(model)
         check_value_head_dims(model)
+    inner = unwrap(model)
+    decoder = inner.get_decoder() if callable(getattr(inner, "get_decoder", None)) else None
+    if isinstance(decoder, torch.nn.Module) and not getattr(decoder, "_hf_ringcp_must_reach_ring", False):
+        guard = _MustReachRing()
+        decoder.register_forward_pre_hook(guard.pre)
+        decoder.register_forward_hook(guard.post)
+        decoder._hf_ringcp_must_reach_ring = True
     for module in unwrap(model).modules():
         if is_position_dependent_rope(module) and not getattr(module, "_hf_ringcp_global_rope", False):
             hooks = _GlobalMaxPosition()

@@ -16,6 +16,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
+    BloomConfig,
     Lfm2Config,
     LlamaConfig,
     MambaConfig,
@@ -141,6 +142,12 @@ def _loss_on_two_ranks(rank: int, world: int) -> dict[str, str]:
                 out[name] = str(err)
         loss = hf_ringcp.causal_lm_loss(_build(ATTENTION_ONLY["llama"]), batch)
         out["llama"] = "trained" if torch.isfinite(loss) else "nan"
+        # BLOOM accepts attn_implementation="ring" but computes its attention itself (no AttentionInterface).
+        try:
+            hf_ringcp.causal_lm_loss(_build(BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)), batch)
+            out["bloom"] = "trained"
+        except ValueError as err:
+            out["bloom"] = str(err)
     return out
 
 
@@ -150,3 +157,4 @@ def test_causal_lm_loss_refuses_token_mixers_before_the_forward() -> None:
     for name, (_, expected) in MIXERS.items():
         _names_every_mixer(per_rank[0][name], expected)
     assert per_rank[0]["llama"] == "trained"
+    assert per_rank[0]["bloom"].startswith('attn_implementation="ring" was never called in a forward of BloomModel')
