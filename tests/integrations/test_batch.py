@@ -123,13 +123,15 @@ def test_restarting_positions_alone_define_documents() -> None:
     assert out[SHARD_KEY].documents == (0, 4, 8)
 
 
+@pytest.mark.parametrize("labels_on_padding", [False, True])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_becomes_packing(side: str) -> None:
+def test_padding_becomes_packing(side: str, labels_on_padding: bool) -> None:
     ids = torch.tensor([[10, 11, 12, 13, 14, 15], [20, 21, 22, 0, 0, 0]])
     mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]])
     if side == "left":
         ids, mask = ids.flip(1), mask.flip(1)
-    labels = torch.where(mask.bool(), ids, -100)
+    # labels = input_ids.clone() writes the pad id on the padding: the last real token must not learn to predict it.
+    labels = ids.clone() if labels_on_padding else torch.where(mask.bool(), ids, -100)
     out = hf_ringcp.shard_batch({"input_ids": ids, "attention_mask": mask, "labels": labels})
     info = out[SHARD_KEY]
     assert info.rows == 1 and info.documents == (0, 6, 10)  # the pad tokens are gone; rows are documents
@@ -140,6 +142,8 @@ def test_padding_becomes_packing(side: str) -> None:
     assert second == ([0, 1, 2] if side == "right" else [3, 4, 5])
     targets = out["shift_labels"][0].tolist()
     assert sum(t != -100 for t in targets) == 5 + 2  # each row's tokens but its last; nothing from padding
+    # The padded row's document: each real token predicts the next real one; its last real token predicts nothing.
+    assert targets[6:10] == [*ids[1][mask[1].bool()][1:].tolist(), -100, -100]
 
 
 def _split_case(rank: int, world: int) -> dict:
