@@ -368,10 +368,10 @@ def shard_batch(
     """This rank's share of a full causal-LM batch, ready for ``model(**out)`` inside ``context_parallel``.
 
     Every rank of the context-parallel group must pass the same full batch (checked first, see ``verify_batch``).
-    Plain rows, packed rows
-    (``DataCollatorWithFlattening``, TRL's padding-free collator: ``position_ids`` restarting at 0, optionally
-    ``cu_seq_lens_q/k``, ``max_length_q/k``, ``seq_idx``) and padded rows (``attention_mask`` with zeros, left or
-    right, ``B > 1``) all work; see the module docstring for what is done to them.
+    Plain rows, packed rows (``DataCollatorWithFlattening``, TRL's padding-free collator: ``position_ids``
+    restarting at 0, optionally ``cu_seq_lens_q/k``, ``max_length_q/k``, ``seq_idx``) and padded rows
+    (``attention_mask`` with zeros, left or right, ``B > 1``) all work; see the module docstring for what is done
+    to them.
 
     Args:
         batch: a dict or ``BatchEncoding`` with ``input_ids`` ``[B, S]`` (or ``inputs_embeds`` ``[B, S, H]``),
