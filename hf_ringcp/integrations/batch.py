@@ -50,6 +50,7 @@ _PACKING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k
 _VERIFIED_KEYS = ("input_ids", "inputs_embeds", "labels", "shift_labels", "attention_mask", "position_ids",
                   "cu_seq_lens_q")
 _FINGERPRINT_DIMS = 3  # leading dimensions of each entry's shape in its fingerprint
+_FINGERPRINT_FEATURES = 16  # features per token of an entry with more than two dimensions (inputs_embeds)
 
 logger = logging.getLogger("hf_ringcp")
 _logged_padding = False
@@ -194,8 +195,9 @@ def _entry_fingerprint(x: Any, device: torch.device) -> torch.Tensor:
     """``[present, ndim, dim0, dim1, dim2, sum, weighted sum]`` of one batch entry, int64 on ``device``.
 
     The sums wrap around identically on every rank, which is all a fingerprint needs; floating-point values enter
-    by their bits (as float64), and entries of more than two dimensions (``inputs_embeds``) by their per-token sums,
-    so no copy larger than ``[B, S]`` is made.
+    by their bits (as float64), and entries of more than two dimensions (``inputs_embeds``) by
+    ``_FINGERPRINT_FEATURES`` evenly spaced features of every token (different samples differ in all of them), so
+    the copy stays small and no reduction depends on summation order.
     """
     if x is None:
         return torch.zeros(4 + _FINGERPRINT_DIMS, dtype=torch.int64, device=device)
@@ -208,7 +210,8 @@ def _entry_fingerprint(x: Any, device: torch.device) -> torch.Tensor:
     dims = [*x.shape[:_FINGERPRINT_DIMS]] + [-1] * (_FINGERPRINT_DIMS - min(x.dim(), _FINGERPRINT_DIMS))
     head = torch.tensor([1, x.dim(), *dims], dtype=torch.int64, device=device)
     if x.dim() > 2:
-        x = x.flatten(2).sum(-1, dtype=torch.float64)
+        x = x.flatten(2)
+        x = x[..., :: -(-x.shape[-1] // _FINGERPRINT_FEATURES)]
     if x.is_floating_point():
         x = x.to(torch.float64).contiguous().view(torch.int64)
     flat = x.reshape(-1).to(torch.int64)

@@ -234,6 +234,7 @@ def _different_batches(rank: int, world: int) -> dict[str, str]:
         "lengths": lambda **kw: {"input_ids": torch.zeros(1, 8 + 4 * rank, dtype=torch.long),
                                  "attention_mask": torch.ones(1, 8 + 4 * rank, dtype=torch.long), **kw},
         "packed_documents": lambda **kw: {**_flattened([3, 5] if rank == 0 else [5, 3]), **kw},
+        "embeds": lambda **kw: {"inputs_embeds": torch.randn(1, 8, 40, generator=g), **kw},
         "settings": lambda **kw: {"input_ids": _ids(), **kw},
         "same": lambda **kw: {"input_ids": _ids(), "labels": _ids(), **kw},
     }
@@ -268,7 +269,7 @@ def test_different_batches_on_the_ranks_fail_on_every_rank_with_the_cause() -> N
     # Unchecked, equal shapes train on a mix of samples and different lengths abort a rank inside the ring.
     for rank, results in enumerate(run_ranks(_different_batches, 2, timeout=120)):
         assert results["same"] == "ok" and results["opt_out"] == "ok", results
-        for case in ("same_shape", "labels_only", "lengths", "packed_documents", "plugin"):
+        for case in ("same_shape", "labels_only", "lengths", "packed_documents", "embeds", "plugin"):
             message = results[case]
             assert "hold different batches" in message, f"rank {rank} {case}: {message}"
             assert "sampler or data loader" in message and "data-parallel groups" in message
@@ -278,5 +279,6 @@ def test_different_batches_on_the_ranks_fail_on_every_rank_with_the_cause() -> N
         assert "`input_ids` of shapes [1, 8] on rank 0, [1, 12] on rank 1" in results["lengths"]
         assert "`attention_mask` of shapes" in results["lengths"]
         assert "`position_ids` of shape [1, 8] with different values" in results["packed_documents"]
+        assert "`inputs_embeds` of shape [1, 8, 40] with different values" in results["embeds"]
         assert "were given different arguments (one of `layout`, `pad_to_multiple`" in results["settings"]
         assert results["plugin_opt_out"] == "ok" and results["plugin_env_opt_out"] == "ok"  # verify_batch=False
