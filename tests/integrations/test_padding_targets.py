@@ -80,4 +80,4 @@ def test_padding_is_neither_predicted_nor_predicts() -> None:
         for case, errors in results.items():
             assert errors["loss"] <= TOLERANCE and errors["grad"] <= TOLERANCE, f"rank {rank} {case}: {errors}"
             # The stock padded run scores one target more per left-padded row (and the pads of cloned labels).
-            assert errors["stock_loss"] > 100 * TOLERANCE, f"rank {rank} {case}: {errors}"
+            assert errors["stock_loss"] > 10 * TOLERANCE, f"rank {rank} {case}: {errors}"
