@@ -124,7 +124,8 @@ class RecipeConfig:
     save_total_limit: int | None = field(default=2, metadata={"help": (
         "Keep at most this many checkpoints in ``output_dir``; ``None``: keep all.")})
     seed: int = field(default=0, metadata={"help": (
-        "Random seed of training, data shuffling, generated passkey samples and random-init models.")})
+        "Random seed of the LoRA initialisation, training, data shuffling, generated passkey samples and random-init "
+        "models.")})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": (
         'A checkpoint folder, or ``"latest"`` for the newest in ``output_dir``.'), "example": "latest"})
     device_peak_tflops: float | None = field(default=None, metadata={"help": (

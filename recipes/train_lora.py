@@ -46,10 +46,14 @@ def _print(*args: Any) -> None:
 def load_model_and_tokenizer(cfg: RecipeConfig):
     """The ``"ring"`` model (with LoRA) and its tokenizer, as the recipe asks."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, set_seed
 
     import hf_ringcp  # noqa: F401  (registers attn_implementation="ring")
 
+    # Before anything random is built: LoRA's A matrices (and random-init weights) come from the seed alone, so
+    # every launch and rank starts from the same adapters and a cp_size=1 run compares with a cp_size=2 one.
+    # (The Trainer seeds only once the model exists.)
+    set_seed(cfg.seed)
     dtype = getattr(torch, cfg.dtype)
     if cfg.model_name_or_path == "embedded":
         from recipes.embedded import load_embedded_model
@@ -66,7 +70,6 @@ def load_model_and_tokenizer(cfg: RecipeConfig):
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(4096, cfg.seq_len),
             tie_word_embeddings=False, **cfg.config_overrides,
         )
-        torch.manual_seed(cfg.seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="ring", dtype=dtype)
     else:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
@@ -74,7 +77,6 @@ def load_model_and_tokenizer(cfg: RecipeConfig):
         for key, value in cfg.config_overrides.items():
             setattr(config, key, copy.deepcopy(value))
         if cfg.random_init:
-            torch.manual_seed(cfg.seed)
             # Built straight on this rank's GPU: 8 processes each materialising an 8B model in host memory
             # first would need ~128 GB of RAM and minutes.
             device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
@@ -263,6 +265,7 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
     logs = [h for h in trainer.state.log_history if "loss" in h]
     summary = {
         "losses": [h["loss"] for h in logs],
+        "grad_norms": [h.get("grad_norm") for h in logs],
         "eval_loss": metrics["eval_loss"],
         "eval_perplexity": math.exp(min(metrics["eval_loss"], 50.0)),
         "passkey_before": before,

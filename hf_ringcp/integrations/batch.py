@@ -2,6 +2,9 @@
 
 :func:`shard_batch` turns the full batch every rank of a CP group holds into this rank's share:
 
+0. **The same batch.** Every rank of the group must hold the same batch; one all-gather of a few fingerprints
+   (:func:`verify_same_batch`) checks it first, so a data loader split over all ranks (instead of over the
+   data-parallel groups) ends in a clear error on every rank, not in a silently wrong loss, a hang or an abort.
 1. **Documents.** A row's documents are read from ``position_ids`` (a restart at 0 starts a document, as
    ``DataCollatorWithFlattening`` and TRL's padding-free collator write them) or from ``cu_seq_lens_q``.
 2. **Padding becomes packing.** Tokens with ``attention_mask == 0`` are dropped and every row becomes a document
@@ -25,6 +28,7 @@ from __future__ import annotations
 import itertools
 import logging
 import weakref
+import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -34,13 +38,19 @@ import torch.nn.functional as F
 
 from hf_ringcp.integrations.context import resolve_group
 from hf_ringcp.ring import Layout, Placement, unshard_sequence
-from hf_ringcp.ring.group import collective_device, group_rank_and_size
+from hf_ringcp.ring.group import all_gather_single, collective_device, group_rank_and_size
 
 IGNORE_INDEX = -100
 #: The batch entry (and model keyword argument) that carries a :class:`ShardInfo` to the attention.
 SHARD_KEY = "cp_shard"
 # Entries that describe packed documents in the flash-attention convention (local to an unsharded row).
 _PACKING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+# The entries whose fingerprints every rank of a CP group compares (verify_batch): what decides the shards' shapes,
+# the documents and the targets.
+_VERIFIED_KEYS = ("input_ids", "inputs_embeds", "labels", "shift_labels", "attention_mask", "position_ids",
+                  "cu_seq_lens_q")
+_FINGERPRINT_DIMS = 3  # leading dimensions of each entry's shape in its fingerprint
+_FINGERPRINT_FEATURES = 16  # features per token of an entry with more than two dimensions (inputs_embeds)
 
 logger = logging.getLogger("hf_ringcp")
 _logged_padding = False
@@ -178,6 +188,103 @@ def _row_documents(pos: torch.Tensor, row: int) -> list[int]:
     return [0, *breaks.tolist()]
 
 
+# ------------------------------------------------------------------------------------ the same batch
+
+
+def _entry_fingerprint(x: Any, device: torch.device) -> torch.Tensor:
+    """``[present, ndim, dim0, dim1, dim2, sum, weighted sum]`` of one batch entry, int64 on ``device``.
+
+    The sums wrap around identically on every rank, which is all a fingerprint needs; floating-point values enter
+    by their bits (as float64), and entries of more than two dimensions (``inputs_embeds``) by
+    ``_FINGERPRINT_FEATURES`` evenly spaced features of every token (different samples differ in all of them), so
+    the copy stays small and no reduction depends on summation order.
+    """
+    if x is None:
+        return torch.zeros(4 + _FINGERPRINT_DIMS, dtype=torch.int64, device=device)
+    if not torch.is_tensor(x):
+        try:
+            x = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError):
+            crc = zlib.crc32(repr(x).encode())
+            return torch.tensor([2] + [0] * (1 + _FINGERPRINT_DIMS) + [crc, 0], dtype=torch.int64, device=device)
+    dims = [*x.shape[:_FINGERPRINT_DIMS]] + [-1] * (_FINGERPRINT_DIMS - min(x.dim(), _FINGERPRINT_DIMS))
+    head = torch.tensor([1, x.dim(), *dims], dtype=torch.int64, device=device)
+    if x.dim() > 2:
+        x = x.flatten(2)
+        x = x[..., :: -(-x.shape[-1] // _FINGERPRINT_FEATURES)]
+    if x.is_floating_point():
+        x = x.to(torch.float64).contiguous().view(torch.int64)
+    flat = x.reshape(-1).to(torch.int64)
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.int64, device=flat.device)
+    return torch.cat([head, torch.stack([flat.sum(), (flat * weights).sum()]).to(device)])
+
+
+def verify_same_batch(batch: Any, group: dist.ProcessGroup | None, settings: Mapping[str, Any] | None = None) -> None:
+    """Raise on every rank unless every rank of ``group`` holds the same batch (and the same ``settings``).
+
+    One all-gather of a few int64 per entry (shape and two checksums of ``input_ids`` / ``inputs_embeds``,
+    ``labels``, ``shift_labels``, ``attention_mask``, ``position_ids``, ``cu_seq_lens_q``). It runs before anything
+    that could fail on some ranks only or exchange tensors whose shapes differ between ranks (which hangs or aborts
+    the process), so different batches end in the same clear error on every rank. A no-op for a group of one.
+
+    Args:
+        batch: the full batch (``[B, S]`` entries; ``inputs_embeds`` ``[B, S, H]``).
+        group: the context-parallel group (``None``: the default group).
+        settings: arguments that must agree too (e.g. ``shard_batch``'s ``layout``), by name.
+
+    Raises:
+        ValueError: the ranks hold different batches (a sampler or data loader split over all ranks instead of
+            over the data-parallel groups) or were given different ``settings``.
+    """
+    _, world = group_rank_and_size(group)
+    if world == 1:
+        return
+    settings = dict(settings or {})
+    device = collective_device(group)
+    items = batch if isinstance(batch, Mapping) else {}
+    kind = torch.tensor([isinstance(batch, Mapping), zlib.crc32(repr(sorted(settings.items())).encode())],
+                        dtype=torch.int64, device=device)
+    mine = torch.cat([kind, *(_entry_fingerprint(items.get(k), device) for k in _VERIFIED_KEYS)])
+    every = mine.new_empty(world * mine.numel())
+    all_gather_single(every, mine, group=group)
+    every = every.view(world, -1).cpu()
+    same = (every == every[0]).all(dim=0)
+    if bool(same.all()):
+        return
+    if bool(same[0]) and bool(same[2:].all()):
+        raise ValueError(
+            f"shard_batch: the ranks of the context-parallel group were given different arguments (one of "
+            f"{', '.join(f'`{k}`' for k in settings)}); pass the same on every rank (e.g. from one "
+            "ContextParallelPlugin, or the `layout` given to context_parallel)."
+        )
+    width = 4 + _FINGERPRINT_DIMS
+    found = []
+    if not bool(same[0]):
+        found.append("a batch that is not a dict on some ranks")
+    for i, key in enumerate(_VERIFIED_KEYS):
+        part = every[:, 2 + i * width: 2 + (i + 1) * width]
+        if bool(same[2 + i * width: 2 + (i + 1) * width].all()):
+            continue
+        shapes = [_shape_of(row.tolist()) for row in part]
+        found.append(f"`{key}` of shapes {', '.join(f'{s} on rank {r}' for r, s in enumerate(shapes))}"
+                     if len(set(shapes)) > 1 else f"`{key}` of shape {shapes[0]} with different values")
+    raise ValueError(
+        f"shard_batch: the {world} ranks of the context-parallel group hold different batches ({'; '.join(found)}). "
+        "Every rank of a CP group must get the same full batch, which it then shards: the sampler or data loader is "
+        "split over all ranks instead of over the data-parallel groups. Prepare the data loader with "
+        "ContextParallelPlugin.prepare(accelerator, model, optimizer, loader) (Accelerate's prepare_data_loader then "
+        "gives every CP rank the same batches), train with the Trainer and RingCPCallback, or split the data by DP "
+        "group yourself (e.g. DistributedSampler(dataset, num_replicas=plugin.dp_size, rank=plugin.dp_rank))."
+    )
+
+
+def _shape_of(fingerprint: list[int]) -> str:
+    present, ndim, dims = fingerprint[0], fingerprint[1], fingerprint[2: 2 + _FINGERPRINT_DIMS]
+    if present != 1:
+        return "absent" if present == 0 else "given"
+    return str(dims[: min(ndim, _FINGERPRINT_DIMS)]).replace("]", ", ...]" if ndim > _FINGERPRINT_DIMS else "]")
+
+
 # ---------------------------------------------------------------------------------------------- padding
 
 
@@ -259,14 +366,15 @@ def _pack(
 
 def shard_batch(
     batch: Mapping[str, Any], group: dist.ProcessGroup | None = None, layout: str = "zigzag", *,
-    pad_to_multiple: bool = True, pad_token_id: int = 0,
+    pad_to_multiple: bool = True, pad_token_id: int = 0, verify_batch: bool = True,
 ) -> dict[str, Any]:
     """This rank's share of a full causal-LM batch, ready for ``model(**out)`` inside ``context_parallel``.
 
-    Every rank of the context-parallel group must pass the same full batch. Plain rows, packed rows
-    (``DataCollatorWithFlattening``, TRL's padding-free collator: ``position_ids`` restarting at 0, optionally
-    ``cu_seq_lens_q/k``, ``max_length_q/k``, ``seq_idx``) and padded rows (``attention_mask`` with zeros, left or
-    right, ``B > 1``) all work; see the module docstring for what is done to them.
+    Every rank of the context-parallel group must pass the same full batch (checked first, see ``verify_batch``).
+    Plain rows, packed rows (``DataCollatorWithFlattening``, TRL's padding-free collator: ``position_ids``
+    restarting at 0, optionally ``cu_seq_lens_q/k``, ``max_length_q/k``, ``seq_idx``) and padded rows
+    (``attention_mask`` with zeros, left or right, ``B > 1``) all work; see the module docstring for what is done
+    to them.
 
     Args:
         batch: a dict or ``BatchEncoding`` with ``input_ids`` ``[B, S]`` (or ``inputs_embeds`` ``[B, S, H]``),
@@ -277,6 +385,9 @@ def shard_batch(
         layout: a name from :data:`hf_ringcp.ring.LAYOUTS`; must match :func:`~hf_ringcp.context_parallel`'s.
         pad_to_multiple: pad to the layout's divisor (default); ``False`` raises for lengths that do not split.
         pad_token_id: the id given to padding tokens.
+        verify_batch: check that every rank of ``group`` passed the same batch and arguments
+            (:func:`verify_same_batch`: one all-gather of a few int64, before anything that could hang or abort
+            on a mismatch); ``False`` skips it where the batch is known to be the same.
 
     Returns:
         A new dict: ``input_ids`` ``[R, S_local]`` (or ``inputs_embeds``) with ``R = B`` for plain rows and 1 when
@@ -290,12 +401,16 @@ def shard_batch(
 
     Raises:
         ValueError: a mask that is not a 2-D padding mask, positions that neither count up nor restart at 0,
-            ``cu_seq_lens`` that disagree with the positions, mis-shaped labels, or (``pad_to_multiple=False``) a
-            length that does not split.
+            ``cu_seq_lens`` that disagree with the positions, mis-shaped labels, (``pad_to_multiple=False``) a
+            length that does not split, or (``verify_batch``) ranks of the group that hold different batches: a
+            sampler or data loader not split by data-parallel group.
     """
+    group = resolve_group(group)
+    if verify_batch:  # first: on the same batch every check below fails on all ranks or on none
+        verify_same_batch(batch, group, {"layout": layout, "pad_to_multiple": pad_to_multiple,
+                                         "pad_token_id": pad_token_id})
     if not isinstance(batch, Mapping):
         raise TypeError(f"`batch` must be a dict or BatchEncoding, but got {type(batch).__name__}.")
-    group = resolve_group(group)
     rank, world = group_rank_and_size(group)
     split = Layout.for_name(layout, world)
     items = dict(batch.items())

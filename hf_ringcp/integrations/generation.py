@@ -424,7 +424,7 @@ def generate(
             prompt = {"input_ids": input_ids[rows, :columns], "attention_mask": mask[rows, :columns],
                       "position_ids": positions[rows, :columns]}
             with context_parallel(group, layout=layout, comm=comm):
-                shard = shard_batch(prompt, group, layout)
+                shard = shard_batch(prompt, group, layout, verify_batch=False)  # _check_same_prompt did
                 index, valid, pos = _prompt_rows(shard, rows, columns, input_ids.shape[0], layout, rank, world)
                 cache.prompt = (index, valid, pos, columns)
                 try:  # the decoder only: the prompt's logits are not needed (generate() scores the last column)

@@ -107,6 +107,9 @@ class ContextParallelPlugin:
         default=None, metadata={"help": "Pad sequences to the CP divisor with ignored labels (default on)."}
     )
     pad_token_id: int | None = field(default=None, metadata={"help": "Token used for that padding (0)."})
+    verify_batch: bool | None = field(
+        default=None, metadata={"help": "Check once per batch that every CP rank holds the same batch (default on)."}
+    )
     offload_activations: bool | None = field(
         default=None, metadata={"help": "Keep checkpointed layer inputs in pinned host memory (memory.offload_to_cpu)."}
     )
@@ -117,12 +120,13 @@ class ContextParallelPlugin:
     _DEFAULTS: ClassVar[dict[str, Any]] = {
         "cp_size": 1, "layout": "zigzag", "comm": "p2p", "ulysses_size": 1, "backend": "auto", "loss_chunk_size": 4096,
         "pad_to_multiple": True, "pad_token_id": 0, "offload_activations": False, "mlp_tile_tokens": 0,
+        "verify_batch": True,
     }
 
     def __post_init__(self) -> None:
         kinds = {
             "cp_size": int, "loss_chunk_size": int, "pad_to_multiple": bool, "pad_token_id": int,
-            "offload_activations": bool, "mlp_tile_tokens": int, "ulysses_size": "int_or_auto",
+            "offload_activations": bool, "mlp_tile_tokens": int, "ulysses_size": "int_or_auto", "verify_batch": bool,
         }
         for f in fields(self):
             if getattr(self, f.name) is None:
@@ -268,7 +272,7 @@ class ContextParallelPlugin:
         """This rank's part of a full batch (see :func:`hf_ringcp.shard_batch`): packing, padding, labels, split."""
         self.build_mesh()
         return shard_batch(batch, self.cp_group, layout=self.layout, pad_to_multiple=self.pad_to_multiple,
-                           pad_token_id=self.pad_token_id)
+                           pad_token_id=self.pad_token_id, verify_batch=self.verify_batch)
 
     def count_items(self, sharded_batches: Iterable[Mapping[str, Any]]) -> torch.Tensor:
         """Global number of loss targets over all ranks in the given (sharded) micro-batches — the ``N`` of a step."""

@@ -6,6 +6,8 @@ on exactly one rank, the global target count).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import BatchEncoding, DataCollatorWithFlattening
@@ -121,13 +123,15 @@ def test_restarting_positions_alone_define_documents() -> None:
     assert out[SHARD_KEY].documents == (0, 4, 8)
 
 
+@pytest.mark.parametrize("labels_on_padding", [False, True])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_becomes_packing(side: str) -> None:
+def test_padding_becomes_packing(side: str, labels_on_padding: bool) -> None:
     ids = torch.tensor([[10, 11, 12, 13, 14, 15], [20, 21, 22, 0, 0, 0]])
     mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]])
     if side == "left":
         ids, mask = ids.flip(1), mask.flip(1)
-    labels = torch.where(mask.bool(), ids, -100)
+    # labels = input_ids.clone() writes the pad id on the padding: the last real token must not learn to predict it.
+    labels = ids.clone() if labels_on_padding else torch.where(mask.bool(), ids, -100)
     out = hf_ringcp.shard_batch({"input_ids": ids, "attention_mask": mask, "labels": labels})
     info = out[SHARD_KEY]
     assert info.rows == 1 and info.documents == (0, 6, 10)  # the pad tokens are gone; rows are documents
@@ -138,6 +142,8 @@ def test_padding_becomes_packing(side: str) -> None:
     assert second == ([0, 1, 2] if side == "right" else [3, 4, 5])
     targets = out["shift_labels"][0].tolist()
     assert sum(t != -100 for t in targets) == 5 + 2  # each row's tokens but its last; nothing from padding
+    # The padded row's document: each real token predicts the next real one; its last real token predicts nothing.
+    assert targets[6:10] == [*ids[1][mask[1].bool()][1:].tolist(), -100, -100]
 
 
 def _split_case(rank: int, world: int) -> dict:
@@ -212,3 +218,67 @@ def test_split_over_ranks_loses_nothing(world: int) -> None:
     for rank, results in enumerate(run_ranks(_split_case, world)):
         for case, checks in results.items():
             assert all(checks.values()), f"rank {rank} {case}: {checks}"
+
+
+# ------------------------------------------------------------------------- every rank holds the same batch
+
+
+def _different_batches(rank: int, world: int) -> dict[str, str]:
+    """shard_batch on ranks given different batches: the error each rank raised (``"ok"`` when it returned)."""
+    from hf_ringcp.integrations.plugin import ContextParallelPlugin
+
+    g = torch.Generator().manual_seed(rank)  # a different sample on each rank, as an unsplit sampler gives
+    cases = {
+        "same_shape": lambda **kw: {"input_ids": torch.randint(0, 50, (2, 8), generator=g), **kw},
+        "labels_only": lambda **kw: {"input_ids": _ids(), "labels": _ids() + rank, **kw},
+        "lengths": lambda **kw: {"input_ids": torch.zeros(1, 8 + 4 * rank, dtype=torch.long),
+                                 "attention_mask": torch.ones(1, 8 + 4 * rank, dtype=torch.long), **kw},
+        "packed_documents": lambda **kw: {**_flattened([3, 5] if rank == 0 else [5, 3]), **kw},
+        "embeds": lambda **kw: {"inputs_embeds": torch.randn(1, 8, 40, generator=g), **kw},
+        "settings": lambda **kw: {"input_ids": _ids(), **kw},
+        "same": lambda **kw: {"input_ids": _ids(), "labels": _ids(), **kw},
+    }
+    results = {}
+    for name, make in cases.items():
+        layout = "contiguous" if name == "settings" and rank == 1 else "zigzag"
+        try:
+            hf_ringcp.shard_batch(make(), layout=layout)
+            results[name] = "ok"
+        except ValueError as e:
+            results[name] = str(e)
+    # The opt-out: the same different batches shard without a collective (the caller vouches for them).
+    out = hf_ringcp.shard_batch(cases["same_shape"](), verify_batch=False)
+    results["opt_out"] = "ok" if out["input_ids"].shape == (2, 8 // world) else "wrong shard"
+    results["plugin"] = _try(lambda: ContextParallelPlugin(cp_size=world).shard(cases["same_shape"]()))
+    results["plugin_opt_out"] = _try(lambda: ContextParallelPlugin(cp_size=world, verify_batch=False).shard(
+        cases["same_shape"]()))
+    os.environ["HF_RINGCP_VERIFY_BATCH"] = "0"
+    results["plugin_env_opt_out"] = _try(lambda: ContextParallelPlugin(cp_size=world).shard(cases["same_shape"]()))
+    return results
+
+
+def _try(fn) -> str:
+    try:
+        fn()
+        return "ok"
+    except ValueError as e:
+        return str(e)
+
+
+def test_different_batches_on_the_ranks_fail_on_every_rank_with_the_cause() -> None:
+    # Unchecked, equal shapes train on a mix of samples and different lengths abort a rank inside the ring.
+    for rank, results in enumerate(run_ranks(_different_batches, 2, timeout=120)):
+        assert results["same"] == "ok" and results["opt_out"] == "ok", results
+        for case in ("same_shape", "labels_only", "lengths", "packed_documents", "embeds", "plugin"):
+            message = results[case]
+            assert "hold different batches" in message, f"rank {rank} {case}: {message}"
+            assert "sampler or data loader" in message and "data-parallel groups" in message
+            assert "ContextParallelPlugin.prepare" in message and "RingCPCallback" in message
+        assert "`input_ids` of shape [2, 8] with different values" in results["same_shape"]
+        assert "`input_ids`" not in results["labels_only"] and "`labels` of shape [2, 8]" in results["labels_only"]
+        assert "`input_ids` of shapes [1, 8] on rank 0, [1, 12] on rank 1" in results["lengths"]
+        assert "`attention_mask` of shapes" in results["lengths"]
+        assert "`position_ids` of shape [1, 8] with different values" in results["packed_documents"]
+        assert "`inputs_embeds` of shape [1, 8, 40] with different values" in results["embeds"]
+        assert "were given different arguments (one of `layout`, `pad_to_multiple`" in results["settings"]
+        assert results["plugin_opt_out"] == "ok" and results["plugin_env_opt_out"] == "ok"  # verify_batch=False

@@ -59,6 +59,9 @@ def test_recipe_trains_evaluates_and_resumes(tmp_path: Path) -> None:
                              "--per_device_train_batch_size", "1")
     assert len(full["losses"]) == 4
     assert full["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    # The same adapters at the start (the seed fixes them), so the same gradients from the first step on.
+    assert all(isinstance(x, float) and x > 0 for x in single["grad_norms"])
+    assert full["grad_norms"] == pytest.approx(single["grad_norms"], rel=1e-5)
     assert full["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)
     assert set(full["passkey_before"]) == {"len=128 depth=0", "len=128 depth=1"}
     assert full["tokens_per_second"] > 0 and full["peak_memory_gib"] > 0
@@ -142,3 +145,28 @@ def test_liger_kernels_auto_is_a_no_op_on_cpu_and_true_is_refused() -> None:
     assert load_recipe(None, {"liger_kernels": False}).liger_kernels is False
     with pytest.raises(ValueError, match=r"`liger_kernels` must be one of \('auto',\)"):
         load_recipe(None, {"liger_kernels": "sometimes"})
+
+
+def test_seed_fixes_the_lora_initialisation(tmp_path: Path) -> None:
+    # A saved model (the pretrained path): its weights are read, so only the adapters are random. Each load stands
+    # for a launch on some rank: whatever the random state before it, the same seed gives the same adapters.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from recipes.data import build_tiny_tokenizer
+    from recipes.train_lora import load_model_and_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    def adapters(seed: int, noise: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(noise)  # a different random state on each "launch"
+        cfg = load_recipe(None, {"model_name_or_path": str(tmp_path), "seed": seed, "lora_r": 4, "cp_size": 1})
+        model, _ = load_model_and_tokenizer(cfg)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    first, second, other_seed = adapters(0, noise=1), adapters(0, noise=2), adapters(1, noise=1)
+    assert first and first.keys() == second.keys()
+    assert all(torch.equal(first[n], second[n]) for n in first)
+    assert not any(torch.equal(first[n], other_seed[n]) for n in first)
