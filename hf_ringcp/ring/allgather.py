@@ -7,6 +7,10 @@ parts some call reads are copied; striped parts are attended in the rank-major o
 backward gathers K/V again (keeping the gathered copy alive between forward and backward would cost ``P`` times
 the local K/V per layer) and reduce-scatters dK/dV to their owners.
 
+Packed rows run the own step and the gathered step as the few launches of the rank's
+:class:`~hf_ringcp.ring.varlen.PackedSchedule`, reading the gathered K/V by row index (one reordering copy into
+rank-major rows, no per-chunk copies) and filing dK/dV by row index into rank-major rows.
+
 The communicator is a :class:`~hf_ringcp.ring.comm.GatherComm` on a real group; ``benchmarks/ring_sim.py``
 passes a :class:`~hf_ringcp.ring.comm.LoopbackGatherComm` that hands over every rank's K/V.
 """
@@ -32,6 +36,7 @@ from hf_ringcp.ring.blocks import (
 from hf_ringcp.ring.comm import GatherComm
 from hf_ringcp.ring.plan import BlockCall
 from hf_ringcp.ring.variant import RankSetup, Variant
+from hf_ringcp.ring.varlen import PackedOutput, PackedSchedule, Step, add_kv_rows, blocks, rows
 
 
 class _RankMajorKVGrads:
@@ -119,7 +124,20 @@ class AllGatherRing(Variant):
             full[:, :, :, row : row + n].copy_(gathered[r, :, :, :, local : local + n])
         return full
 
+    def steps(self, local_len: int) -> list[Step]:
+        """The own step (local K/V; gradients to this rank's rank-major rows) and the gathered step (buffer rows in
+        global order, or rank-major for strided layouts, read from and filed into rank-major rows)."""
+        s = self.setup
+        own = Step(self.own_calls, grad_map=torch.arange(local_len) + s.rank * local_len)
+        if s.world == 1:
+            return [own]
+        to_rank_major = s.placement.inverse_rank_major if self.global_order else None
+        return [own, Step(self.rest_calls, to_rank_major, to_rank_major)]
+
     def attend(self, q, k, v):
+        packed = self.schedule(q)
+        if packed is not None:
+            return self._attend_packed(packed, q, k, v)
         s = self.setup
         kv = torch.stack([k, v])
         if s.world > 1:
@@ -133,6 +151,9 @@ class AllGatherRing(Variant):
         return acc.result(q.dtype)
 
     def attend_backward(self, dout, q, k, v, out, lse):
+        packed = self.schedule(q)
+        if packed is not None:
+            return self._attend_backward_packed(packed, dout, q, k, v, out, lse)
         s = self.setup
         dout, out = like(dout, q), like(out, q)
         kv = torch.stack([k, v])
@@ -141,20 +162,67 @@ class AllGatherRing(Variant):
             gathered, work = comm.start_gather(kv)
         dq = RowAccumulator(torch.empty_like(q, dtype=torch.float32))
         dkv = _RankMajorKVGrads(kv, s.world, self.moves)  # this rank's share of every token's dK/dV
-        for rows, bdk, bdv in kv_pieces(backward_kernels(self.own_calls, dout, q, k, v, out, lse, dq, s.kernels,
-                                                         s.scale)):
-            dkv.add_local(s.rank, rows, bdk, bdv)
+        for own_rows, bdk, bdv in kv_pieces(backward_kernels(self.own_calls, dout, q, k, v, out, lse, dq, s.kernels,
+                                                             s.scale)):
+            dkv.add_local(s.rank, own_rows, bdk, bdv)
         if s.world > 1:
             work.wait()
             full = self._buffer(gathered)
             grads = backward_kernels(self.rest_calls, dout, q, full[0], full[1], out, lse, dq, s.kernels, s.scale)
-            for rows, bdk, bdv in kv_pieces(grads):
-                dkv.add(rows, bdk, bdv)
+            for buffer_rows, bdk, bdv in kv_pieces(grads):
+                dkv.add(buffer_rows, bdk, bdv)
             mine = torch.empty(kv.shape, dtype=torch.float32, device=kv.device)
             comm.reduce_scatter(mine, dkv.result())
         else:
             mine = dkv.result()[0]
         return dq.result().to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
+
+
+    # ----------------------------------------------------------------------------------- packed rows
+
+    @staticmethod
+    def _rank_major_rows(gathered: torch.Tensor) -> torch.Tensor:
+        """``[P, 2, 1, H, S_local, D]`` as gathered -> ``[P * S_local, 2, H, D]`` rank-major rows (one copy)."""
+        p, two, _, h, s_local, d = gathered.shape
+        return gathered[:, :, 0].permute(0, 3, 1, 2, 4).reshape(p * s_local, two, h, d)
+
+    def _attend_packed(self, packed: PackedSchedule, q, k, v):
+        s = self.setup
+        if s.world > 1:
+            gathered, work = self.comm().start_gather(torch.stack([k, v]))
+        acc = PackedOutput(rows(q))
+        packed.forward_step(0, rows(q), rows(k), rows(v), acc, s.kernels, s.scale)
+        if s.world > 1:
+            work.wait()
+            kv = self._rank_major_rows(gathered)
+            packed.forward_step(1, rows(q), kv[:, 0], kv[:, 1], acc, s.kernels, s.scale)
+        return acc.result(q.dtype)
+
+    def _attend_backward_packed(self, packed: PackedSchedule, dout, q, k, v, out, lse):
+        s = self.setup
+        dout, out = like(dout, q), like(out, q)
+        kv = torch.stack([k, v])
+        if s.world > 1:
+            comm = self.comm()
+            gathered, work = comm.start_gather(kv)
+        dq = torch.zeros(rows(q).shape, dtype=torch.float32, device=q.device)
+        lse = lse[0].contiguous()
+        n = k.shape[2]
+        dkv = torch.zeros((s.world * n, 2, *rows(k).shape[1:]), dtype=torch.float32, device=k.device)  # rank-major
+        step = (rows(dout), rows(q))
+        add_kv_rows(packed.backward_step(0, *step, rows(k), rows(v), rows(out), lse, dq, s.kernels, s.scale),
+                     dkv[:, 0], dkv[:, 1])
+        if s.world > 1:
+            work.wait()
+            full = self._rank_major_rows(gathered)
+            add_kv_rows(packed.backward_step(1, *step, full[:, 0], full[:, 1], rows(out), lse, dq, s.kernels,
+                                              s.scale), dkv[:, 0], dkv[:, 1])
+            per_rank = dkv.view(s.world, n, *dkv.shape[1:]).permute(0, 2, 3, 1, 4).unsqueeze(2).contiguous()
+            mine = torch.empty(kv.shape, dtype=torch.float32, device=kv.device)
+            comm.reduce_scatter(mine, per_rank)
+        else:
+            mine = dkv.permute(1, 2, 0, 3).unsqueeze(1)
+        return blocks(dq).to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
 
 
 def build(setup: RankSetup, group: dist.ProcessGroup | None) -> AllGatherRing:

@@ -4,6 +4,9 @@ At step ``s`` rank ``r`` holds the K/V of rank ``(r - s) mod P`` and sends it on
 The backward sends K/V the same way and, one step behind, the float32 dK/dV accumulator of each block, which
 collects every rank's share and arrives back at the block's owner after ``P`` hops.
 
+Packed rows run each step as the few launches of the rank's :class:`~hf_ringcp.ring.varlen.PackedSchedule`
+(:meth:`P2PRing._attend_packed`); the communication is the same.
+
 The communicators are made by factories (``RingComm(group)`` on a real ring); ``benchmarks/ring_sim.py`` passes
 :class:`~hf_ringcp.ring.comm.LoopbackRingComm` factories that hand over other ranks' tensors in one process.
 """
@@ -26,6 +29,7 @@ from hf_ringcp.ring.blocks import (
 from hf_ringcp.ring.comm import RingComm
 from hf_ringcp.ring.plan import BlockCall
 from hf_ringcp.ring.variant import RankSetup, Variant
+from hf_ringcp.ring.varlen import PackedOutput, PackedSchedule, Step, add_kv_rows, blocks, rows
 
 CommFactory = Callable[[], RingComm]
 
@@ -42,7 +46,13 @@ class P2PRing(Variant):
         s = self.setup
         return s.plan(s.placement.segments((s.rank - step) % s.world))
 
+    def steps(self, local_len: int) -> list[Step]:
+        return [Step(self.step_calls(step)) for step in range(self.setup.world)]
+
     def attend(self, q, k, v):
+        packed = self.schedule(q)
+        if packed is not None:
+            return self._attend_packed(packed, q, k, v)
         s = self.setup
         kv = torch.stack([k, v])
         acc = OutputAccumulator(q)
@@ -60,6 +70,9 @@ class P2PRing(Variant):
     def attend_backward(self, dout, q, k, v, out, lse):
         """The accumulator of the block held at step ``s > 0`` arrives from the previous rank while this step's
         kernels run; the block's gradients are then added into it in place and it is passed on."""
+        packed = self.schedule(q)
+        if packed is not None:
+            return self._attend_backward_packed(packed, dout, q, k, v, out, lse)
         s = self.setup
         dout, out = like(dout, q), like(out, q)
         kv = torch.stack([k, v])
@@ -91,6 +104,55 @@ class P2PRing(Variant):
             dkv_comm.wait()
             dkv = incoming
         return dq.result().to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+    # ----------------------------------------------------------------------------------- packed rows
+
+    def _attend_packed(self, packed: PackedSchedule, q, k, v):
+        s = self.setup
+        kv = torch.stack([k, v])
+        acc = PackedOutput(rows(q))
+        comm = self.kv_comm() if s.world > 1 else None
+        for step in range(s.world):
+            last = step == s.world - 1
+            if not last:
+                next_kv = comm.send_recv(kv)
+            packed.forward_step(step, rows(q), rows(kv[0]), rows(kv[1]), acc, s.kernels, s.scale)
+            if not last:
+                comm.wait()
+                kv = next_kv
+        return acc.result(q.dtype)
+
+    def _attend_backward_packed(self, packed: PackedSchedule, dout, q, k, v, out, lse):
+        s = self.setup
+        dout, out = like(dout, q), like(out, q)
+        kv = torch.stack([k, v])
+        dq = torch.zeros(rows(q).shape, dtype=torch.float32, device=q.device)
+        lse = lse[0].contiguous()
+        kv_comm = self.kv_comm() if s.world > 1 else None
+        dkv_comm = self.dkv_comm() if s.world > 1 else None
+        incoming = None
+        for step in range(s.world):
+            last = step == s.world - 1
+            if not last:
+                next_kv = kv_comm.send_recv(kv)
+            grads = packed.backward_step(step, rows(dout), rows(q), rows(kv[0]), rows(kv[1]), rows(out), lse, dq,
+                                         s.kernels, s.scale)
+            if step == 0:
+                dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+            else:
+                dkv_comm.wait()
+                dkv = incoming
+            add_kv_rows(grads, rows(dkv[0]), rows(dkv[1]))
+            if s.world > 1:
+                incoming = dkv_comm.send_recv(dkv)
+            if not last:
+                kv_comm.wait()
+                kv = next_kv
+        if s.world > 1:
+            dkv_comm.wait()
+            dkv = incoming
+        return blocks(dq).to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
 def build(setup: RankSetup, group: dist.ProcessGroup | None) -> P2PRing:
