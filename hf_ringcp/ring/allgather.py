@@ -190,12 +190,13 @@ class AllGatherRing(Variant):
         s = self.setup
         if s.world > 1:
             gathered, work = self.comm().start_gather(torch.stack([k, v]))
-        acc = PackedOutput(rows(q))
-        packed.forward_step(0, rows(q), rows(k), rows(v), acc, s.kernels, s.scale)
+        q_rows = rows(q)
+        acc = PackedOutput(q_rows)
+        packed.forward_step(0, q_rows, rows(k), rows(v), acc, s.kernels, s.scale)
         if s.world > 1:
             work.wait()
             kv = self._rank_major_rows(gathered)
-            packed.forward_step(1, rows(q), kv[:, 0], kv[:, 1], acc, s.kernels, s.scale)
+            packed.forward_step(1, q_rows, kv[:, 0], kv[:, 1], acc, s.kernels, s.scale)
         return acc.result(q.dtype)
 
     def _attend_backward_packed(self, packed: PackedSchedule, dout, q, k, v, out, lse):
@@ -209,14 +210,13 @@ class AllGatherRing(Variant):
         lse = lse[0].contiguous()
         n = k.shape[2]
         dkv = torch.zeros((s.world * n, 2, *rows(k).shape[1:]), dtype=torch.float32, device=k.device)  # rank-major
-        step = (rows(dout), rows(q))
-        add_kv_rows(packed.backward_step(0, *step, rows(k), rows(v), rows(out), lse, dq, s.kernels, s.scale),
-                     dkv[:, 0], dkv[:, 1])
+        dout, q_rows, out, dk, dv = rows(dout), rows(q), rows(out), dkv[:, 0], dkv[:, 1]
+        add_kv_rows(packed.backward_step(0, dout, q_rows, rows(k), rows(v), out, lse, dq, s.kernels, s.scale), dk, dv)
         if s.world > 1:
             work.wait()
             full = self._rank_major_rows(gathered)
-            add_kv_rows(packed.backward_step(1, *step, full[:, 0], full[:, 1], rows(out), lse, dq, s.kernels,
-                                              s.scale), dkv[:, 0], dkv[:, 1])
+            add_kv_rows(packed.backward_step(1, dout, q_rows, full[:, 0], full[:, 1], out, lse, dq, s.kernels,
+                                             s.scale), dk, dv)
             per_rank = dkv.view(s.world, n, *dkv.shape[1:]).permute(0, 2, 3, 1, 4).unsqueeze(2).contiguous()
             mine = torch.empty(kv.shape, dtype=torch.float32, device=kv.device)
             comm.reduce_scatter(mine, per_rank)

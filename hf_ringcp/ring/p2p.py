@@ -111,13 +111,14 @@ class P2PRing(Variant):
     def _attend_packed(self, packed: PackedSchedule, q, k, v):
         s = self.setup
         kv = torch.stack([k, v])
-        acc = PackedOutput(rows(q))
+        q_rows = rows(q)
+        acc = PackedOutput(q_rows)
         comm = self.kv_comm() if s.world > 1 else None
         for step in range(s.world):
             last = step == s.world - 1
             if not last:
                 next_kv = comm.send_recv(kv)
-            packed.forward_step(step, rows(q), rows(kv[0]), rows(kv[1]), acc, s.kernels, s.scale)
+            packed.forward_step(step, q_rows, *_kv_rows(kv), acc, s.kernels, s.scale)
             if not last:
                 comm.wait()
                 kv = next_kv
@@ -132,18 +133,18 @@ class P2PRing(Variant):
         kv_comm = self.kv_comm() if s.world > 1 else None
         dkv_comm = self.dkv_comm() if s.world > 1 else None
         incoming = None
+        dout, q_rows, out = rows(dout), rows(q), rows(out)
         for step in range(s.world):
             last = step == s.world - 1
             if not last:
                 next_kv = kv_comm.send_recv(kv)
-            grads = packed.backward_step(step, rows(dout), rows(q), rows(kv[0]), rows(kv[1]), rows(out), lse, dq,
-                                         s.kernels, s.scale)
+            grads = packed.backward_step(step, dout, q_rows, *_kv_rows(kv), out, lse, dq, s.kernels, s.scale)
             if step == 0:
                 dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
             else:
                 dkv_comm.wait()
                 dkv = incoming
-            add_kv_rows(grads, rows(dkv[0]), rows(dkv[1]))
+            add_kv_rows(grads, *_kv_rows(dkv))
             if s.world > 1:
                 incoming = dkv_comm.send_recv(dkv)
             if not last:
@@ -153,6 +154,14 @@ class P2PRing(Variant):
             dkv_comm.wait()
             dkv = incoming
         return blocks(dq).to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+def _kv_rows(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[2, 1, H, S, D]`` -> the ``[S, H, D]`` rows of K and of V (two views)."""
+    h, n, d = kv.shape[2:]
+    shape, strides = (n, h, d), (kv.stride(3), kv.stride(2), kv.stride(4))
+    offset = kv.storage_offset()
+    return kv.as_strided(shape, strides, offset), kv.as_strided(shape, strides, offset + kv.stride(0))
 
 
 def build(setup: RankSetup, group: dist.ProcessGroup | None) -> P2PRing:

@@ -203,14 +203,20 @@ def unpack_rows(x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------ the engine of packed rows
 
 
+# Both views are one ``as_strided`` (not an index and a transpose): they run several times per step, and every
+# dispatched op is host time on the GPU.
+
+
 def rows(x: torch.Tensor) -> torch.Tensor:
     """``[1, H, S, D]`` -> the ``[S, H, D]`` view of its rows (batch 1)."""
-    return x[0].transpose(0, 1)
+    return x.as_strided((x.shape[2], x.shape[1], x.shape[3]), (x.stride(2), x.stride(1), x.stride(3)),
+                        x.storage_offset())
 
 
 def blocks(x: torch.Tensor) -> torch.Tensor:
     """``[T, H, D]`` rows -> the ``[1, H, T, D]`` view the block kernels take."""
-    return x.transpose(0, 1)[None]
+    return x.as_strided((1, x.shape[1], x.shape[0], x.shape[2]), (x.numel(), x.stride(1), x.stride(0), x.stride(2)),
+                        x.storage_offset())
 
 
 Rows = slice | torch.Tensor
@@ -274,7 +280,7 @@ def _as_rows(index: torch.Tensor, device) -> Rows:
 
 def _slice_writes(written: torch.Tensor, a: int, b: int):
     """Writes of query rows ``[a, b)``: runs of rows first written here (copied) or already written (merged)."""
-    w = written[a:b]
+    w = written[a:b].clone()
     cuts = [0, *((w[1:] != w[:-1]).nonzero().flatten() + 1).tolist(), b - a]
     written[a:b] = True
     return tuple((not bool(w[s]), slice(a + s, a + e), slice(s, e)) for s, e in itertools.pairwise(cuts))
