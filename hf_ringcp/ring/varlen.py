@@ -30,16 +30,14 @@ import torch
 
 from hf_ringcp.ring.kernels import Backend, additive_mask, block_backward, block_forward
 from hf_ringcp.ring.merge import merge_into
-from hf_ringcp.ring.plan import BlockCall, Launch, step_launches
+from hf_ringcp.ring.plan import DENSE_ROWS, BlockCall, Launch, step_launches
 
 aten = torch.ops.aten
 #: Below this many small calls the per-call path is used (no packing copies).
 MIN_CALLS = 5
-#: Calls with more query or key rows than this stay on the per-call path: large blocks run faster in the plain
-#: kernel (cuDNN) than in flash's varlen kernel, and launches no longer dominate them (H200: grouping every call
-#: cost zigzag_global 0.52 -> 0.37 of single-GPU efficiency on short documents, while it took the per-document
-#: zigzag from 0.06 to 0.12).
-MAX_ROWS = 2048
+#: Calls with more query or key rows than this stay on the per-call path (the rule is the plan's: large blocks run
+#: faster on the dense kernel).
+MAX_ROWS = DENSE_ROWS
 
 
 @dataclass(frozen=True)
