@@ -51,6 +51,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
@@ -355,6 +356,37 @@ def plain_rows(args, device: str, info_print) -> list[dict]:
     return rows
 
 
+def rank_step_costs(ranks: Ranks, comm: str, kernels: Kernels, scale: float) -> dict:
+    """Packed rows: attention kernel calls per rank and ring step (forward and backward averaged, the most of any
+    rank) and the host time a rank takes to issue one step's forward + backward (median over the ranks of a warm
+    run; the GPU synchronised before and after, not inside: the CPU's cost per step, a lower bound of the step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += "attention" in func.__name__  # every block/varlen kernel, forward or backward
+            return func(*args, **(kwargs or {}))
+
+    steps = ranks.world if comm == "p2p" else min(ranks.world, 2)
+    calls, host = [], []
+    for r in range(ranks.world):
+        variant = ranks.variant(r, comm, kernels, scale)
+        run_rank(ranks, r, variant)  # warm: the batch's plans exist
+        with Count() as counter:
+            run_rank(ranks, r, variant)
+        calls.append(counter.calls / steps / 2)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run_rank(ranks, r, variant)
+        host.append((time.perf_counter() - start) * 1e3 / steps)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return {"calls_per_step": max(calls), "host_ms_per_step": statistics.median(host)}
+
+
 def packed_rows(args, device: str, info_print) -> list[dict]:
     hq, hkv = args.heads
     d, b, p = args.head_dim, args.batch, args.world
@@ -406,6 +438,8 @@ def packed_rows(args, device: str, info_print) -> list[dict]:
                                      tflops_per_gpu=flops / p / row_c["max_rank_ms"] / 1e9)
                         if "max_kernel_ms" in row_c:
                             row_c["kernel_bound"] = t_ref / p / row_c["max_kernel_ms"]
+                        row_c.update(rank_step_costs(ranks, comm, _kernels(name, args.native_gqa, varlen == "on"),
+                                                     scale))
                     except Exception as e:  # report and go on
                         row_c["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                     rows.append(row_c)
@@ -422,7 +456,7 @@ def packed_rows(args, device: str, info_print) -> list[dict]:
 PLAIN_COLUMNS = ["label", "S", "P", "backend", "layout", "comm", "efficiency", "kernel_bound", "tflops_per_gpu",
                  "max_rank_ms", "mean_rank_ms", "full_ms", "full_tflops", "out_err", "dq_err", "error"]
 PACKED_COLUMNS = ["label", "dist", "docs", "S", "S_row", "pad", "P", "backend", "layout", "comm", "varlen",
-                  "efficiency",
+                  "efficiency", "calls_per_step", "host_ms_per_step",
                   "kernel_bound", "tflops_per_gpu", "max_rank_ms", "mean_rank_ms", "ref", "ref_ms", "ref_tflops",
                   "out_err", "dq_err", "error"]
 

@@ -11,6 +11,11 @@ What is gathered is :meth:`~hf_ringcp.ring.layout.Placement.travelling`'s: with 
 other ranks' queries see (each rank's padded to the largest), and nothing at all when no document is split; the
 gradients of the rows that stay home never enter the reduce-scatter.
 
+Packed rows run the own step and the gathered step as the few launches of the rank's
+:class:`~hf_ringcp.ring.varlen.PackedSchedule`, reading the gathered K/V by row index (one reordering copy into
+rank-major rows, no per-chunk copies) and filing dK/dV by row index into rank-major rows (when every row travels;
+a partial gather, ``layout="balanced"`` with split documents, runs its calls one by one).
+
 The communicator is a :class:`~hf_ringcp.ring.comm.GatherComm` on a real group; ``benchmarks/ring_sim.py``
 passes a :class:`~hf_ringcp.ring.comm.LoopbackGatherComm` that hands over every rank's K/V.
 """
@@ -36,6 +41,7 @@ from hf_ringcp.ring.blocks import (
 from hf_ringcp.ring.comm import GatherComm
 from hf_ringcp.ring.plan import BlockCall
 from hf_ringcp.ring.variant import RankSetup, Variant
+from hf_ringcp.ring.varlen import PackedOutput, PackedSchedule, Step, add_kv_rows, blocks, rows
 
 
 class _RankMajorKVGrads:
@@ -128,7 +134,32 @@ class AllGatherRing(Variant):
             full[:, :, :, row : row + n].copy_(gathered[r, :, :, :, local : local + n])
         return full
 
+    def steps(self, local_len: int) -> list[Step]:
+        """The own step (local K/V) and the gathered step (buffer rows in global order, or rank-major for strided
+        layouts, read from and filed into the rank-major rows of the gathered buffers). The own step's gradients go
+        to this rank's rank-major rows when every row travels, else to a separate local accumulator."""
+        s = self.setup
+        own = Step(self.own_calls, grad_map=torch.arange(local_len) + s.rank * local_len if self.sent.everything
+                   else None)
+        if not self.gathers:
+            return [own]
+        return [own, Step(self.rest_calls, self._to_rank_major, self._to_rank_major)]
+
+    @cached_property
+    def _to_rank_major(self) -> torch.Tensor | None:
+        """Gathered-buffer row -> row of the rank-major ``[P * buffer rows]`` gather (``None``: the same)."""
+        if not self.global_order:
+            return None
+        buffers = self.sent.buffers
+        index = torch.zeros(buffers.buffer_rows, dtype=torch.long)
+        for r, local, row, n in buffers.moves(True):
+            index[row : row + n] = torch.arange(n) + r * buffers.local_len + local
+        return index
+
     def attend(self, q, k, v):
+        packed = self.schedule(q)
+        if packed is not None:
+            return self._attend_packed(packed, q, k, v)
         s = self.setup
         kv = torch.stack([k, v])
         if self.gathers:
@@ -142,6 +173,9 @@ class AllGatherRing(Variant):
         return acc.result(q.dtype)
 
     def attend_backward(self, dout, q, k, v, out, lse):
+        packed = self.schedule(q)
+        if packed is not None:
+            return self._attend_backward_packed(packed, dout, q, k, v, out, lse)
         s = self.setup
         dout, out = like(dout, q), like(out, q)
         kv = torch.stack([k, v])
@@ -153,15 +187,15 @@ class AllGatherRing(Variant):
         # This rank's share of every sent token's dK/dV; its own rows when all of them are sent, else apart.
         dkv = _RankMajorKVGrads(sent, s.world, self.moves)
         home = dkv if self.sent.everything else _RankMajorKVGrads(kv, 1, ())
-        for rows, bdk, bdv in kv_pieces(backward_kernels(self.own_calls, dout, q, k, v, out, lse, dq, s.kernels,
-                                                         s.scale)):
-            home.add_local(s.rank if self.sent.everything else 0, rows, bdk, bdv)
+        for own_rows, bdk, bdv in kv_pieces(backward_kernels(self.own_calls, dout, q, k, v, out, lse, dq, s.kernels,
+                                                             s.scale)):
+            home.add_local(s.rank if self.sent.everything else 0, own_rows, bdk, bdv)
         if self.gathers:
             work.wait()
             full = self._buffer(gathered)
             grads = backward_kernels(self.rest_calls, dout, q, full[0], full[1], out, lse, dq, s.kernels, s.scale)
-            for rows, bdk, bdv in kv_pieces(grads):
-                dkv.add(rows, bdk, bdv)
+            for buffer_rows, bdk, bdv in kv_pieces(grads):
+                dkv.add(buffer_rows, bdk, bdv)
             mine = torch.empty(sent.shape, dtype=torch.float32, device=kv.device)
             comm.reduce_scatter(mine, dkv.result())
             if not self.sent.everything:  # the others' gradients of the sent rows, added to this rank's own
@@ -172,6 +206,62 @@ class AllGatherRing(Variant):
             mine = home.result()[s.rank if self.sent.everything else 0]
         return dq.result().to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
 
+
+    # ----------------------------------------------------------------------------------- packed rows
+
+    @staticmethod
+    def _rank_major_rows(gathered: torch.Tensor) -> torch.Tensor:
+        """``[P, 2, 1, H, S_local, D]`` as gathered -> ``[P * S_local, 2, H, D]`` rank-major rows (one copy)."""
+        p, two, _, h, s_local, d = gathered.shape
+        return gathered[:, :, 0].permute(0, 3, 1, 2, 4).reshape(p * s_local, two, h, d)
+
+    def _attend_packed(self, packed: PackedSchedule, q, k, v):
+        s = self.setup
+        if self.gathers:
+            gathered, work = self.comm().start_gather(self.sent.take(torch.stack([k, v]), s.rank, pad=True))
+        q_rows = rows(q)
+        acc = PackedOutput(q_rows)
+        packed.forward_step(0, q_rows, rows(k), rows(v), acc, s.kernels, s.scale)
+        if self.gathers:
+            work.wait()
+            kv = self._rank_major_rows(gathered)
+            packed.forward_step(1, q_rows, kv[:, 0], kv[:, 1], acc, s.kernels, s.scale)
+        return acc.result(q.dtype)
+
+    def _attend_backward_packed(self, packed: PackedSchedule, dout, q, k, v, out, lse):
+        s = self.setup
+        dout, out = like(dout, q), like(out, q)
+        kv = torch.stack([k, v])
+        sent = self.sent.take(kv, s.rank, pad=True)
+        if self.gathers:
+            comm = self.comm()
+            gathered, work = comm.start_gather(sent)
+        dq = torch.zeros(rows(q).shape, dtype=torch.float32, device=q.device)
+        lse = lse[0].contiguous()
+        n = sent.shape[-2]
+        shape = rows(k).shape[1:]
+        # Rank-major rows of every sent token's dK/dV; this rank's own rows too when all of them are sent.
+        dkv = torch.zeros((s.world * n, 2, *shape), dtype=torch.float32, device=k.device)
+        home = dkv if self.sent.everything else torch.zeros((k.shape[2], 2, *shape), dtype=torch.float32,
+                                                            device=k.device)
+        dout, q_rows, out = rows(dout), rows(q), rows(out)
+        add_kv_rows(packed.backward_step(0, dout, q_rows, rows(k), rows(v), out, lse, dq, s.kernels, s.scale),
+                    home[:, 0], home[:, 1])
+        if self.gathers:
+            work.wait()
+            full = self._rank_major_rows(gathered)
+            add_kv_rows(packed.backward_step(1, dout, q_rows, full[:, 0], full[:, 1], out, lse, dq, s.kernels,
+                                             s.scale), dkv[:, 0], dkv[:, 1])
+            per_rank = dkv.view(s.world, n, *dkv.shape[1:]).permute(0, 2, 3, 1, 4).unsqueeze(2).contiguous()
+            mine = torch.empty(sent.shape, dtype=torch.float32, device=kv.device)
+            comm.reduce_scatter(mine, per_rank)
+            if not self.sent.everything:  # the others' gradients of the sent rows, added to this rank's own
+                own = home.permute(1, 2, 0, 3).unsqueeze(1)
+                index = self.sent.index(s.rank, kv.device)
+                mine = own.index_add_(-2, index, mine[..., : index.numel(), :])
+        else:
+            mine = home.permute(1, 2, 0, 3).unsqueeze(1)
+        return blocks(dq).to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
 
 def build(setup: RankSetup, group: dist.ProcessGroup | None) -> AllGatherRing:
     return AllGatherRing(setup, lambda: GatherComm(group))

@@ -237,3 +237,58 @@ def plan_calls(q: tuple[Segment, ...], kv: tuple[Segment, ...], mask: MaskSpec) 
     order = {"causal": 0, "full": 1, "band": 2}
     pieces.sort(key=lambda p: (order[p[0]], p[1], p[3]))
     return tuple(BlockCall(p[1], p[2], p[3], p[4], p[0], p[5], p[6]) for p in pieces)
+
+
+# ------------------------------------------------------------------------------- launches of one ring step
+
+#: Calls with more query or key rows than this run alone on the dense kernel (cuDNN on CUDA): large blocks run
+#: faster there than in flash's varlen kernel (H200: 1.6x), and one launch more costs them nothing. A single
+#: document's blocks at 32K and more tokens per rank are all of this kind.
+DENSE_ROWS = 2048
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel call of a ring step.
+
+    ``kind``:
+
+    - ``"call"``: ``calls[0]`` alone, with the dense kernel on row slices (large blocks, steps of at most two
+      calls, and on CUDA the masked edge blocks of a sliding window);
+    - ``"varlen"``: every call is one sequence of one variable-length call (all causal squares or all unmasked
+      rectangles), over rows gathered by index;
+    - ``"masked"``: the union of the calls' query rows against the union of their key rows in one call with an
+      explicit ``[Tq, Tk]`` mask (kernels without a varlen op: the CPU).
+    """
+
+    kind: str
+    calls: tuple[BlockCall, ...]
+
+    @property
+    def causal(self) -> bool:
+        return self.kind != "masked" and self.calls[0].causal
+
+
+def step_launches(calls: tuple[BlockCall, ...], mode: str, dense_rows: int = DENSE_ROWS) -> tuple[Launch, ...]:
+    """The launches of one step's ``calls`` in ``mode`` (``"varlen"``, ``"masked"`` or ``"calls"``).
+
+    However many documents the calls come from, the small calls make at most two launches in ``"varlen"`` mode
+    (the causal squares, the unmasked rectangles) and one in ``"masked"`` mode; calls above ``dense_rows`` rows and,
+    in ``"varlen"`` mode, masked edge blocks of a window run alone.
+    """
+    if mode == "calls" or len(calls) <= 2:
+        return tuple(Launch("call", (c,)) for c in calls)
+
+    def alone(c: BlockCall) -> bool:
+        big = c.q_end - c.q_start > dense_rows or c.kv_end - c.kv_start > dense_rows
+        return big or (mode == "varlen" and c.kind == "band")
+
+    out = [Launch("call", (c,)) for c in calls if alone(c)]
+    small = [c for c in calls if not alone(c)]
+    groups = [[c for c in small if c.kind == kind] for kind in ("causal", "full")] if mode == "varlen" else [small]
+    for group in groups:
+        if len(group) == 1:
+            out.append(Launch("call", (group[0],)))
+        elif group:
+            out.append(Launch(mode, tuple(group)))
+    return tuple(out)

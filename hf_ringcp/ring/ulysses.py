@@ -27,6 +27,7 @@ from hf_ringcp.ring.group import global_rank, group_rank_and_size
 from hf_ringcp.ring.layout import Placement
 from hf_ringcp.ring.plan import Segment
 from hf_ringcp.ring.variant import RankSetup, Variant
+from hf_ringcp.ring.varlen import cached_on
 
 
 def check_heads(hq: int, hkv: int, u: int) -> None:
@@ -109,14 +110,21 @@ class Ulysses(Variant):
         if setup.world % u:
             raise ValueError(f"`ulysses_size` = {u} must divide the CP size ({setup.world}).")
         self.u, self.a2a = u, a2a
-        grouped, perms = group_placement(setup.placement, u)
+        # Built once per batch (cached on the placement every layer shares): the inner ring's placement object is
+        # then the same for every layer, and so are its cached schedules.
+        grouped, perms = cached_on(setup.placement, ("ulysses", u), lambda: group_placement(setup.placement, u))
         g = setup.rank // u
         self.perm = perms[g]
-        self.inverse = None if self.perm is None else torch.argsort(self.perm)
         inner_setup = RankSetup(g, setup.world // u, grouped, setup.mask, setup.kernels, setup.scale)
         self.inner = inner(inner_setup)
 
     # --------------------------------------------------------------------------- sequence <-> heads
+
+    def _order(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The group's sorting permutation and its inverse on ``device`` (copied there once per batch)."""
+        key = ("ulysses order", self.u, self.setup.rank // self.u, str(device))
+        return cached_on(self.setup.placement, key,
+                         lambda: (self.perm.to(device), torch.argsort(self.perm).to(device)))
 
     def _to_heads(self, x: torch.Tensor, repeat: int = 1) -> torch.Tensor:
         """``[B, H, S_l, D]`` -> ``[B, H * repeat / u, u * S_l, D]``: all the group's tokens, this member's heads."""
@@ -127,12 +135,12 @@ class Ulysses(Variant):
         parts = x.reshape(b, u, h // u, s, d).transpose(0, 1)  # [u, B, H/u, S_l, D]: part j for member j
         got = parts if self.a2a is None else self.a2a().exchange(parts)
         full = got.permute(1, 2, 0, 3, 4).reshape(b, h // u, u * s, d)  # members' tokens, rank-major
-        return full if self.perm is None else full.index_select(2, self.perm.to(full.device))
+        return full if self.perm is None else full.index_select(2, self._order(full.device)[0])
 
     def _to_sequence(self, x: torch.Tensor, repeat: int = 1) -> torch.Tensor:
         """The inverse of :meth:`_to_heads` (the gradient of repeated heads summed back)."""
-        if self.inverse is not None:
-            x = x.index_select(2, self.inverse.to(x.device))
+        if self.perm is not None:
+            x = x.index_select(2, self._order(x.device)[1])
         b, hu, us, d = x.shape
         u = self.u
         parts = x.reshape(b, hu, u, us // u, d).permute(2, 0, 1, 3, 4)  # [u, B, H/u, S_l, D]: member i's tokens

@@ -10,6 +10,10 @@ of the sequence, the mask, the kernels) and its communicators:
 the local ``q``, ``k``, ``v``), which the ring variants (:mod:`.p2p`, :mod:`.allgather`) define; a variant that
 changes the tensors' shape first (Ulysses) overrides ``forward``/``backward`` themselves. Adding a comm is one
 module with a ``build(setup, group)`` function and one line in :data:`hf_ringcp.ring.registry.COMMS`.
+
+Packed rows: a ring variant lists its steps (:meth:`Variant.steps`) and :meth:`Variant.schedule` turns them into a
+:class:`~hf_ringcp.ring.varlen.PackedSchedule` (at most two kernel calls per step whatever the number of
+documents), built once per batch: it is cached on the placement, which every layer shares.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from hf_ringcp.ring.blocks import Kernels
 from hf_ringcp.ring.layout import Placement
 from hf_ringcp.ring.plan import BlockCall, MaskSpec, Segment, plan_calls
+from hf_ringcp.ring.varlen import PackedSchedule, Step, build_schedule, cached_on, packed_mode
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,21 @@ class Variant:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def steps(self, local_len: int) -> list[Step]:
+        """This rank's steps in the order it runs them (for :meth:`schedule`)."""
+        raise NotImplementedError
+
+    def schedule(self, q: torch.Tensor) -> PackedSchedule | None:
+        """The packed launches of this rank for queries like ``q`` ``[1, H, S_local, D]``, or ``None`` where the calls
+        run one by one (no step with more than two calls, batch > 1, or kernels with neither varlen nor masks)."""
+        s = self.setup
+        mode = packed_mode(s.kernels)
+        if mode is None or q.shape[0] != 1:
+            return None
+        key = (type(self).__name__, s.rank, s.world, s.mask, mode, q.shape[2], str(q.device), q.dtype)
+        return cached_on(s.placement, key,
+                         lambda: build_schedule(self.steps(q.shape[2]), mode, q.shape[2], q.device, q.dtype))
 
     def attend_backward(
         self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
