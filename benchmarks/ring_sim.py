@@ -104,9 +104,13 @@ class Ranks:
         self.k = [shard(k, r) for r in range(world)]
         self.v = [shard(v, r) for r in range(world)]
         self.dout = [shard(dout, r) for r in range(world)]
-        self.kv = [torch.stack([self.k[r], self.v[r]]) for r in range(world)]  # what each rank sends
-        self.gathered = torch.stack(self.kv)  # what the all-gather returns: [P, 2, B, Hkv, S / P, D]
-        self.dkv_scratch = torch.zeros_like(self.kv[0], dtype=torch.float32)
+        self.kv = [torch.stack([self.k[r], self.v[r]]) for r in range(world)]
+        # What each rank sends: every row, or with layout="balanced" only the rows other ranks see.
+        travel = self.placement.travelling(self.mask)
+        self.sent = [travel.take(self.kv[r], r) for r in range(world)]
+        # What the all-gather returns: [P, 2, B, Hkv, rows, D] (each rank's sent rows padded to the largest).
+        self.gathered = torch.stack([travel.take(self.kv[r], r, pad=True) for r in range(world)])
+        self.dkv_scratch = [torch.zeros_like(x, dtype=torch.float32) for x in self.sent]
 
     def variant(self, r: int, comm: str, kernels: Kernels, scale: float) -> Variant:
         """Rank ``r``'s variant object with loopback communicators (the real per-rank code of the ring)."""
@@ -114,8 +118,9 @@ class Ranks:
         if comm == "p2p":
             # At its i-th transfer rank r receives the K/V of rank r - i - 1; the dK/dV accumulators it receives are
             # a scratch buffer of the right shape (their values are not checked).
-            kv_in = lambda i: self.kv[(r - i - 1) % self.world]
-            return P2PRing(setup, lambda: LoopbackRingComm(kv_in), lambda: LoopbackRingComm(lambda i: self.dkv_scratch))
+            kv_in = lambda i: self.sent[(r - i - 1) % self.world]
+            dkv_in = lambda i: self.dkv_scratch[(r - i - 1) % self.world]
+            return P2PRing(setup, lambda: LoopbackRingComm(kv_in), lambda: LoopbackRingComm(dkv_in))
         if comm == "allgather":
             return AllGatherRing(setup, lambda: LoopbackGatherComm(r, self.gathered))
         raise ValueError(f"unknown comm {comm!r}")
@@ -132,8 +137,9 @@ def run_rank(ranks: Ranks, r: int, variant: Variant):
 def rank_kernel_calls(ranks: Ranks, r: int, variant: Variant):
     """``(calls, kv)`` pairs: the block kernel calls rank ``r`` makes and the K/V buffer each reads."""
     if isinstance(variant, P2PRing):
-        return [(variant.step_calls(s), ranks.kv[(r - s) % ranks.world]) for s in range(ranks.world)]
-    if ranks.world == 1:
+        held = lambda s: ranks.kv[r] if s == 0 else ranks.sent[(r - s) % ranks.world]
+        return [(variant.step_calls(s), held(s)) for s in range(variant.n_steps)]
+    if not variant.gathers:
         return [(variant.own_calls, ranks.kv[r])]
     return [(variant.own_calls, ranks.kv[r]), (variant.rest_calls, variant._buffer(ranks.gathered))]
 

@@ -341,7 +341,8 @@ def format_help() -> str:
     for f in dataclasses.fields(RecipeConfig):
         lines.append(f"  --{f.name} {f.type}  (default: {_render(_default(f))})")
         text = f.metadata.get("help", "").replace("``", "`")
-        lines += textwrap.wrap(text, width=110, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        lines += textwrap.wrap(text, width=110, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                               break_on_hyphens=False)
     return "\n".join(lines) + "\n"
 
 

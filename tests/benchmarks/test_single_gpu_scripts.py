@@ -50,9 +50,12 @@ def test_visible_pairs_of_each_call_kind() -> None:
 def test_load_balance_counts_every_pair(tmp_path: Path) -> None:
     assert load_balance_main(["--worlds", "4", "--out", str(tmp_path)]) == 0
     rows = {(r["dist"], r["layout"]): r for r in _written(tmp_path, "load_balance")["rows"]}
-    assert len(rows) == 12
+    assert len(rows) == 5 * len(DISTRIBUTIONS)  # every layout, balanced included
     assert rows[("one", "zigzag")]["imbalance"] == 1.0 and rows[("one", "contiguous")]["imbalance"] > 1.5
     assert all(rows[(d, "zigzag")]["imbalance"] <= 1.10 for d in DISTRIBUTIONS)
+    # the balanced layout keeps the work even while sending fewer key/value rows than zigzag on packed rows
+    assert all(rows[(d, "balanced")]["imbalance"] <= 1.10 for d in DISTRIBUTIONS)
+    assert all(rows[(d, "balanced")]["kv_MiB"] < rows[(d, "zigzag")]["kv_MiB"] for d in ("lognormal", "mixed"))
 
 
 def test_ring_sim_cpu_dry_run_checks_plain_and_packed_rows(tmp_path: Path) -> None:
@@ -62,7 +65,8 @@ def test_ring_sim_cpu_dry_run_checks_plain_and_packed_rows(tmp_path: Path) -> No
     rows = _written(tmp_path, "ring_sim")["rows"]
     plain = [r for r in rows if "dist" not in r]
     packed = [r for r in rows if "dist" in r]
-    assert len(plain) == 4 and len(packed) == len(DISTRIBUTIONS) * 4 * 2
+    assert len(plain) == 4 and len(packed) == len(DISTRIBUTIONS) * 5 * 2  # 5 layouts (balanced too) x 2 comms
+    assert {r["layout"] for r in packed} >= {"zigzag", "balanced"}
     assert all("error" not in r and r["out_err"] < 2e-2 and r["dq_err"] < 2e-2 for r in rows)
     assert all(r["ref"] == "blocks_loop" and "kernel_bound" in r for r in packed)
     assert {r["pad"] > 0 for r in packed if r["layout"] == "zigzag" and r["dist"] != "one"} == {True}
