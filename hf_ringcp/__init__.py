@@ -9,6 +9,8 @@ whichever library (see :class:`_RegisterAfterImport`). A ``"ring"`` that another
 
 from __future__ import annotations
 
+import atexit
+import gc
 import importlib
 import importlib.abc
 import importlib.util
@@ -134,4 +136,25 @@ def _when_imported() -> None:
         sys.meta_path.insert(0, _RegisterAfterImport())
 
 
+def _release_process_groups() -> None:
+    """At exit, while the interpreter is whole: free gloo's process groups (and join their worker threads).
+
+    A process group still alive at interpreter finalisation (kept by the plugin's mesh, Accelerate's state or
+    torch's own registry when the script never calls ``destroy_process_group``) is destroyed during it; a gloo
+    worker thread that then releases the tensors of its last work must take the GIL, which the finalising
+    interpreter refuses by ending the thread, and that aborts the process ("terminate called without an active
+    exception", SIGABRT after the work is done). gloo's teardown is local, so doing it here is safe; NCCL's is
+    left to the script (it can be collective).
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_backend() != "gloo":
+        return
+    plugin = sys.modules.get("hf_ringcp.integrations.plugin")
+    if plugin is not None:
+        plugin.release_meshes()
+    dist.destroy_process_group()
+    gc.collect()  # meshes and groups in reference cycles
+
+
 _when_imported()
+atexit.register(_release_process_groups)
