@@ -2,17 +2,20 @@
 
 ``import hf_ringcp`` makes ``attn_implementation="ring"`` available. It does so without importing transformers
 itself (so that ``import hf_ringcp.ring``, the pure-torch core, stays light): when transformers is already
-imported, "ring" is registered now; otherwise right after transformers is imported (see :func:`_when_imported`).
-The Accelerate plugin and the Trainer callback load on first use.
+imported, "ring" is registered now; otherwise right after transformers is imported, in whatever order and by
+whichever library (see :class:`_RegisterAfterImport`). A ``"ring"`` that another library registered first is kept
+(with a warning). The Accelerate plugin, the Trainer callback and ``generate`` load on first use.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import importlib
 import importlib.abc
 import importlib.util
 import sys
-import warnings
+import threading
 
 from hf_ringcp.integrations import (
     RingContext,
@@ -73,40 +76,85 @@ __all__ = [
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """A one-shot import hook: when ``transformers`` is imported, run its module, then register "ring"."""
+    """Registers "ring" right after ``transformers`` is imported, whoever imports it and whatever came before.
+
+    It stays first in ``sys.meta_path`` until transformers' module has run: ``importlib.util.find_spec`` calls
+    (TRL and others probe for installed packages that way, before or without importing them) get the real spec
+    with a wrapped loader and leave the hook in place, so the import that follows is still seen. Importing
+    transformers here instead would also import it for ``import hf_ringcp.ring`` (the parent package runs first),
+    which must stay pure torch.
+    """
+
+    def __init__(self) -> None:
+        self._finding = threading.local()
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != "transformers":
+        if fullname != "transformers" or getattr(self._finding, "active", False):
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        self._finding.active = True
+        try:  # the spec the other finders give (this one declines while it asks)
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._finding.active = False
         if spec is None or spec.loader is None:
             return spec
-        loader = spec.loader
-
-        class ThenRegister(importlib.abc.Loader):
-            def create_module(self, spec):
-                return loader.create_module(spec)
-
-            def exec_module(self, module):
-                module.__loader__ = module.__spec__.loader = loader
-                loader.exec_module(module)
-                if "hf_ringcp.integrations.hf_attention" in sys.modules:
-                    return  # transformers was imported by hf_attention itself, which registers at its end
-                try:
-                    register()
-                except RuntimeError as err:  # another library owns "ring": say so, do not break the import
-                    warnings.warn(f"hf_ringcp did not register attn_implementation='ring': {err}", stacklevel=2)
-
-        spec.loader = ThenRegister()
+        spec.loader = _ThenRegister(spec.loader, self)
         return spec
+
+
+class _ThenRegister(importlib.abc.Loader):
+    """transformers' own loader, then the registration (other attributes are the wrapped loader's)."""
+
+    def __init__(self, loader: importlib.abc.Loader, hook: _RegisterAfterImport) -> None:
+        self._loader = loader
+        self._hook = hook
+
+    def __getattr__(self, name: str):
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = module.__spec__.loader = self._loader  # transformers sees its own loader
+        self._loader.exec_module(module)
+        if self._hook in sys.meta_path:
+            sys.meta_path.remove(self._hook)
+        _register()
+
+
+def _register() -> None:
+    # Importing hf_attention registers "ring" (keeping, with a warning, a "ring" another library owns); when it is
+    # the importer of transformers, it is in sys.modules already and registers at its end.
+    importlib.import_module("hf_ringcp.integrations.hf_attention")
 
 
 def _when_imported() -> None:
     if "transformers" in sys.modules:
-        register()
-    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        _register()
+    elif not any(type(f).__name__ == _RegisterAfterImport.__name__ for f in sys.meta_path):  # also after a reload
         sys.meta_path.insert(0, _RegisterAfterImport())
 
 
+def _release_process_groups() -> None:
+    """At exit, while the interpreter is whole: free gloo's process groups (and join their worker threads).
+
+    A process group still alive at interpreter finalisation (kept by the plugin's mesh, Accelerate's state or
+    torch's own registry when the script never calls ``destroy_process_group``) is destroyed during it; a gloo
+    worker thread that then releases the tensors of its last work must take the GIL, which the finalising
+    interpreter refuses by ending the thread, and that aborts the process ("terminate called without an active
+    exception", SIGABRT after the work is done). gloo's teardown is local, so doing it here is safe; NCCL's is
+    left to the script (it can be collective).
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_backend() != "gloo":
+        return
+    plugin = sys.modules.get("hf_ringcp.integrations.plugin")
+    if plugin is not None:
+        plugin.release_meshes()
+    dist.destroy_process_group()
+    gc.collect()  # meshes and groups in reference cycles
+
+
 _when_imported()
+atexit.register(_release_process_groups)

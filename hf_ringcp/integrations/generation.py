@@ -360,6 +360,38 @@ def _cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def world_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP (``fully_shard`` or ``FullyShardedDataParallel``) shards the model's parameters: then each
+    forward all-gathers them over the FSDP group, and every rank of it must run every forward."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
+def _agree_across_groups(error: ValueError | None) -> None:
+    """Under FSDP: one small all-reduce over the default group, so that when one CP group refuses its call every
+    group raises, instead of the others waiting in the next parameter all-gather."""
+    failed = torch.tensor([0 if error is None else 1], dtype=torch.long, device=collective_device(None))
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is None and int(failed.item()):
+        raise ValueError("hf_ringcp.generate: another context-parallel group refused its call (see that rank's "
+                         "error); with an FSDP-sharded model every group stops with it.")
+
+
+def _prefill_forward(model: torch.nn.Module, inputs: dict[str, Any], through_root: bool) -> None:
+    """One forward over ``inputs`` whose logits are not needed (generate() scores the last prompt column).
+
+    ``through_root``: through the model's own ``__call__`` (FSDP's hooks all-gather the root's parameters there,
+    the embeddings and head included), keeping only the last column's logits where the model allows; else the
+    decoder alone.
+    """
+    if not through_root:
+        causal_lm(model).get_decoder()(**inputs)
+        return
+    params = inspect.signature(unwrap(model, through_peft=True).forward).parameters
+    model(**inputs, **({"logits_to_keep": 1} if "logits_to_keep" in params else {}))
+
+
 def generate(
     model: torch.nn.Module, input_ids: torch.Tensor, *, group: dist.ProcessGroup | None = None,
     layout: str = "zigzag", comm: str = "p2p", attention_mask: torch.Tensor | None = None, **generate_kwargs: Any,
@@ -370,6 +402,10 @@ def generate(
     work (with ``max_new_tokens``, ``eos_token_id``, stop strings, logits processors, ``pad_token_id``, batches;
     custom stopping criteria must decide from the tokens alone, so that every rank stops at the same step);
     beam search, assisted/speculative and contrastive decoding and ``max_time`` are refused by name.
+
+    With an FSDP-sharded model (``fully_shard`` over the default group, e.g. ``fsdp="full_shard"`` in the
+    Trainer) every rank of the world must call it together, each CP group with its own prompt: the ranks step
+    together until every group is done (``synced_gpus``), as the parameter all-gathers need.
 
     Args:
         model: a causal LM loaded with ``attn_implementation="ring"`` (possibly peft-wrapped).
@@ -388,32 +424,50 @@ def generate(
         raise RuntimeError("hf_ringcp.generate shards the prompt itself: call it outside hf_ringcp.context_parallel.")
     group = resolve_group(group)
     rank, world = group_rank_and_size(group)
+    # FSDP: every rank of the world takes part in each forward's parameter all-gathers, but the CP groups decode
+    # their own prompts and stop at different steps. As transformers' synced_gpus does, every rank then steps
+    # until all are done (a finished group runs forwards whose tokens are dropped), and a group without a prefill
+    # runs a forward anyway.
+    synced = world_sharded(model)
+    if synced and generate_kwargs.get("synced_gpus") is False:
+        raise ValueError("hf_ringcp.generate: `synced_gpus=False` with an FSDP-sharded model would leave the ranks "
+                         "that stop first out of the others' parameter all-gathers (a hang); drop the argument.")
+    if synced:
+        generate_kwargs["synced_gpus"] = True
     if world == 1:
         return model.generate(input_ids, attention_mask=attention_mask, **generate_kwargs)
     if not torch.is_tensor(input_ids):
         raise ValueError(f"`input_ids` must be a [batch, seq] tensor, got {type(input_ids).__name__}.")
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
-    _check_same_prompt(input_ids, mask, generate_kwargs, group, world)  # first: the checks below are then unanimous
-    _check_arguments(model, generate_kwargs)
-    if input_ids.dim() != 2:
-        raise ValueError(f"`input_ids` must be a [batch, seq] tensor, got shape {tuple(input_ids.shape)}.")
-    if tuple(mask.shape) != tuple(input_ids.shape):
-        raise ValueError(f"`attention_mask` {tuple(mask.shape)} must have the shape of `input_ids` "
-                         f"{tuple(input_ids.shape)}.")
-    _left_padded(mask)
-    copies = _setting("num_return_sequences", generate_kwargs, model) or 1
-    if copies > 1 and not _setting("do_sample", generate_kwargs, model):
-        raise ValueError("hf_ringcp.generate: `num_return_sequences > 1` needs do_sample=True (greedy search would "
-                         "return the same sequence each time).")
+    error = None
+    try:
+        _check_same_prompt(input_ids, mask, generate_kwargs, group, world)  # first: the checks below are unanimous
+        _check_arguments(model, generate_kwargs)
+        if input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must be a [batch, seq] tensor, got shape {tuple(input_ids.shape)}.")
+        if tuple(mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"`attention_mask` {tuple(mask.shape)} must have the shape of `input_ids` "
+                             f"{tuple(input_ids.shape)}.")
+        _left_padded(mask)
+        copies = _setting("num_return_sequences", generate_kwargs, model) or 1
+        if copies > 1 and not _setting("do_sample", generate_kwargs, model):
+            raise ValueError("hf_ringcp.generate: `num_return_sequences > 1` needs do_sample=True (greedy search "
+                             "would return the same sequence each time).")
+        prepare_model(model)
+        config = unwrap(model, through_peft=True).config.get_text_config(decoder=True)
+        from hf_ringcp.integrations.hf_attention import check_ring_config
+
+        check_ring_config(config)  # also when the prompt is one token and no prefill (nor its mask function) runs
+    except ValueError as err:
+        error = err
+    if synced:
+        _agree_across_groups(error)
+    if error is not None:
+        raise error
     if copies > 1:  # expanded before the prefill, as generate() would (rows repeated in place)
         input_ids, mask = input_ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
         generate_kwargs["num_return_sequences"] = 1
 
-    prepare_model(model)
-    config = unwrap(model, through_peft=True).config.get_text_config(decoder=True)
-    from hf_ringcp.integrations.hf_attention import check_ring_config
-
-    check_ring_config(config)  # also when the prompt is one token and no prefill (nor its mask function) runs
     cache = ShardedCache(config.num_hidden_layers, group, mask)
     cache_arg = _cache_argument(model)
     columns = input_ids.shape[1] - 1  # the last column is generate()'s first step
@@ -427,10 +481,12 @@ def generate(
                 shard = shard_batch(prompt, group, layout, verify_batch=False)  # _check_same_prompt did
                 index, valid, pos = _prompt_rows(shard, rows, columns, input_ids.shape[0], layout, rank, world)
                 cache.prompt = (index, valid, pos, columns)
-                try:  # the decoder only: the prompt's logits are not needed (generate() scores the last column)
-                    causal_lm(model).get_decoder()(**shard, **{cache_arg: cache}, use_cache=True)
+                try:
+                    _prefill_forward(model, {**shard, cache_arg: cache, "use_cache": True}, through_root=synced)
                 finally:
                     cache.prompt = None
+        elif synced:  # a one-token prompt: nothing to prefill, but the other groups' prefills all-gather
+            _prefill_forward(model, {"input_ids": input_ids[:1, -1:], "use_cache": False}, through_root=True)
         for layer in cache.layers:
             layer.length = columns
         with _decoding(cache):

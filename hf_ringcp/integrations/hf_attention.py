@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -382,5 +383,13 @@ def register() -> None:
         interface.register(KEY, fn)
 
 
-# Whoever imports this module wants "ring" registered (also when transformers is first imported from here).
-register()
+def _register_on_import() -> None:
+    # Whoever imports this module (``import hf_ringcp`` does, once transformers is imported) wants "ring"
+    # registered; a "ring" that another library registered first is kept, and an import must not fail over it.
+    try:
+        register()
+    except RuntimeError as err:
+        warnings.warn(f"hf_ringcp did not register attn_implementation='ring': {err}", stacklevel=2)
+
+
+_register_on_import()

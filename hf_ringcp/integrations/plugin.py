@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import weakref
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields
@@ -38,8 +40,32 @@ __all__ = ["ContextParallelPlugin", "pad_batch_to_multiple"]
 
 ENV_PREFIX = "HF_RINGCP_"
 _MESHES: dict[tuple, DeviceMesh] = {}
+_HOLDERS: weakref.WeakValueDictionary[int, ContextParallelPlugin] = weakref.WeakValueDictionary()  # for exit
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
+
+
+def release_meshes() -> None:
+    """Forget the meshes built by :meth:`ContextParallelPlugin.build_mesh`: here, in the plugins that hold one and
+    in Accelerate's shared state.
+
+    A mesh keeps its process groups, and their gloo worker threads, alive; hf_ringcp's exit handler calls this so
+    that they are freed while the interpreter is still whole, not during its finalisation.
+    """
+    meshes = list(_MESHES.values())
+    _MESHES.clear()
+    for plugin in list(_HOLDERS.values()):
+        plugin._mesh = None
+    state = _accelerate_shared_state()
+    if any(state.get("device_mesh") is mesh for mesh in meshes):
+        state["device_mesh"] = None
+
+
+def _accelerate_shared_state() -> dict:
+    """Accelerate's ``AcceleratorState`` attributes (a dict shared by its instances), ``{}`` when not imported."""
+    module = sys.modules.get("accelerate.state")
+    state = getattr(getattr(module, "AcceleratorState", None), "_shared_state", None)
+    return state if isinstance(state, dict) else {}
 
 
 def _env_value(name: str, kind: type) -> Any:
@@ -198,6 +224,7 @@ class ContextParallelPlugin:
         if key not in _MESHES:
             _MESHES[key] = init_device_mesh(device_type, shape, mesh_dim_names=("dp_replicate", "cp"))
         self._mesh = _MESHES[key]
+        _HOLDERS[id(self)] = self
         return self._mesh
 
     @property

@@ -158,3 +158,68 @@ def test_the_decode_switch_is_per_thread() -> None:
         other.join()
         assert decoding_cache() is cache
     assert seen == [None] and decoding_cache() is None
+
+
+# ------------------------------------------------------------------------------- FSDP2: dp 2 x cp 2, 4 ranks
+
+def _fsdp_prompts() -> list[list[torch.Tensor]]:
+    """Per case, per DP group, a prompt: the groups decode different prompts, one a batch, one a single token
+    (no prefill)."""
+    g = torch.Generator().manual_seed(5)
+    ids = [torch.randint(1, 97, (1, n), generator=g) for n in (13, 20, 1, 17)]
+    batch = torch.randint(1, 97, (2, 11), generator=g)
+    return [[ids[0], ids[1]], [ids[2], batch], [ids[3], ids[0]]]
+
+
+def _fsdp_settings_and_reference() -> tuple[list[list[dict]], list[list[torch.Tensor]]]:
+    """Settings that stop the groups at different steps (max_new_tokens; an eos that one row of the batch meets
+    at its 3rd token while the other runs on), and single-process generate() with them."""
+    model = _model("sdpa")
+    lengths = [[2, 7], [5, 6], [3, 1]]
+    settings, expected = [], []
+    for prompts, news in zip(_fsdp_prompts(), lengths):
+        case_settings, case_expected = [], []
+        for ids, new in zip(prompts, news):
+            kwargs = {"max_new_tokens": new, "do_sample": False}
+            if ids.shape[0] == 2:
+                free = model.generate(ids, **kwargs)
+                kwargs["eos_token_id"] = int(free[0, ids.shape[1] + 2])
+            case_settings.append(kwargs)
+            case_expected.append(model.generate(ids, **kwargs))
+        settings.append(case_settings)
+        expected.append(case_expected)
+    return settings, expected
+
+
+def _fsdp_generate(rank: int, world: int, settings: list[list[dict]]) -> list[torch.Tensor]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import hf_ringcp
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    model = _model("ring")
+    for layer in model.get_decoder().layers:
+        fully_shard(layer)  # over the default group: every dp x cp rank holds a shard
+    fully_shard(model)
+    dp = mesh.get_local_rank("dp")
+    out = [hf_ringcp.generate(model, prompts[dp], group=mesh.get_group("cp"), **kwargs[dp])
+           for prompts, kwargs in zip(_fsdp_prompts(), settings)]
+    try:  # one group asks for what is refused: every group raises, none waits in an all-gather
+        hf_ringcp.generate(model, _fsdp_prompts()[0][dp], group=mesh.get_group("cp"), max_new_tokens=2,
+                           num_beams=2 if dp == 0 else 1)
+    except ValueError as err:
+        out.append(str(err))
+    return out
+
+
+def test_generation_on_an_fsdp2_model_with_groups_that_stop_at_different_steps() -> None:
+    """Every rank takes part in each parameter all-gather although the DP groups decode different prompts and
+    stop at different steps: each group's output equals single-process generate()."""
+    settings, expected = _fsdp_settings_and_reference()
+    assert expected[1][1][0, -1] == 0 and expected[1][1][1, -1] != 0, "the eos row should stop before the other"
+    for rank, got in enumerate(run_ranks(_fsdp_generate, 4, settings, timeout=300)):
+        dp = rank // 2
+        for i, (want, out) in enumerate(zip(expected, got[:-1])):
+            assert torch.equal(out, want[dp]), f"case {i}, rank {rank}: {out.tolist()} != {want[dp].tolist()}"
+        assert ("beam search" if dp == 0 else "another context-parallel group refused") in got[-1], got[-1]
