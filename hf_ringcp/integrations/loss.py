@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from hf_ringcp.integrations.batch import IGNORE_INDEX
 from hf_ringcp.integrations.context import get_context, resolve_group
 from hf_ringcp.integrations.models import causal_lm, prepare_model, text_config
-from hf_ringcp.ring.group import group_rank_and_size
+from hf_ringcp.ring.group import collective_device, group_rank_and_size
 
 LogitsTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -45,6 +45,7 @@ def chunked_cross_entropy_sum(
     chunk_size: int = 4096,
     *,
     logits_transform: LogitsTransform | None = None,
+    logits_out: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of ``head_module(hidden)`` against ``labels``, ``chunk_size`` tokens at a time.
 
@@ -56,6 +57,8 @@ def chunked_cross_entropy_sum(
             should follow ``hidden[..., i, :]``), ``-100`` where ignored.
         chunk_size: tokens per chunk; the float32 logits of one chunk, ``[chunk_size, V]``, is the peak.
         logits_transform: applied to the float32 logits of each chunk before the loss (e.g. soft-capping).
+        logits_out: without autograd only (evaluation with ``compute_metrics``): a list that receives the
+            ``[..., S, V]`` float32 logits the loss was computed from (the same chunks, concatenated).
 
     Returns:
         ``(loss_sum, count)``: float32 scalar sum of the token losses, int64 scalar number of non-ignored
@@ -69,16 +72,27 @@ def chunked_cross_entropy_sum(
             f"`hidden` {tuple(hidden.shape)} and `labels` {tuple(labels.shape)} must agree on all but the last "
             "dimension ([..., S, H] and [..., S])."
         )
+    keep = logits_out is not None
+    if keep and torch.is_grad_enabled():
+        raise ValueError("`logits_out` is for evaluation: call chunked_cross_entropy_sum under torch.no_grad().")
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.long)
     fn = functools.partial(_chunk_loss_sum, head=head_module, transform=logits_transform)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    kept: list[torch.Tensor] = []
     for start in range(0, flat_labels.numel(), chunk_size):
         h, y = flat_hidden[start : start + chunk_size], flat_labels[start : start + chunk_size]
-        if torch.is_grad_enabled():
+        if keep:
+            logits = head_module(h).float()
+            logits = logits if logits_transform is None else logits_transform(logits)
+            kept.append(logits)
+            total = total + F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+        elif torch.is_grad_enabled():
             total = total + checkpoint(fn, h, y, use_reentrant=False)
         else:
             total = total + fn(h, y)
+    if keep:
+        logits_out.append(torch.cat(kept).reshape(*labels.shape, -1))
     return total, (flat_labels != IGNORE_INDEX).sum()
 
 
@@ -118,41 +132,54 @@ def _cp_group(group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup | None
 
 
 def normalise(loss_sum: torch.Tensor, num_items: torch.Tensor | int, averaged_over: int = 1) -> torch.Tensor:
-    """The value to call ``backward()`` on: ``loss_sum * averaged_over / N``.
+    """The loss rule, in one place: ``loss_sum * averaged_over / N``.
 
-    ``N`` counts the loss targets of the whole step over every rank whose losses add up to the global mean;
-    ``averaged_over`` is the number of ranks a data-parallel wrapper (DDP, FSDP) averages gradients over, which the
-    factor turns back into a sum. An all-ignored step gives 0, not NaN.
+    Training: ``loss_sum`` is this rank's sum of token losses and ``N`` counts the loss targets of the whole step
+    over every rank whose losses add up to the global mean; ``averaged_over`` is the number of ranks a
+    data-parallel wrapper (DDP, FSDP) averages gradients over, which the factor turns back into a sum.
+    Evaluation (:func:`group_mean`): both the sum and ``N`` are the CP group's (``averaged_over=1``).
+    Every consumer uses it: the plugin's ``loss`` / ``eval_loss`` / ``loss_value``, the Trainer families
+    (causal LM, SFT's eval, DPO's and GRPO's token sums). An all-ignored step gives 0, not NaN.
     """
     total = torch.as_tensor(num_items, device=loss_sum.device).to(loss_sum.dtype)
     return loss_sum * averaged_over / total.clamp(min=1)
 
 
-def _loss_through_forward(
-    model: torch.nn.Module, batch: Mapping[str, Any], labels: torch.Tensor, chunk_size: int,
-    transform: LogitsTransform | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the model's own forward, computing the chunked loss from the decoder output inside it.
+def group_mean(
+    local_sum: torch.Tensor | float, local_count: torch.Tensor | float, group: dist.ProcessGroup | None
+) -> torch.Tensor:
+    """The eval form of :func:`normalise`: ``sum over group / count over group`` (one float64 all-reduce, no
+    gradient); identical on every rank of ``group``. Returns a float32 scalar on ``local_sum``'s device."""
+    device = local_sum.device if torch.is_tensor(local_sum) else None
+    stats = torch.stack([torch.as_tensor(local_sum, dtype=torch.float64).detach().reshape(()).cpu(),
+                         torch.as_tensor(local_count, dtype=torch.float64).detach().reshape(()).cpu()])
+    if dist.is_initialized() and group_rank_and_size(group)[1] > 1:
+        stats = stats.to(collective_device(group))
+        dist.all_reduce(stats, group=group)
+    return normalise(stats[0], stats[1]).float().to(device or stats.device)
+
+
+def run_with_hidden(model: torch.nn.Module, batch: Mapping[str, Any], on_hidden: Callable[[torch.Tensor], Any]) -> Any:
+    """Run the model's own forward and return ``on_hidden(decoder output [B, S, H])``; no full logits are made.
 
     Going through ``model(...)`` (not the decoder alone) keeps the wrappers' forward logic: DDP prepares its
-    gradient reduction there, peft applies its forward hooks. The head runs on chunks in a forward hook of the
-    decoder; the model's own head then sees an empty slice (``logits_to_keep`` with no positions).
+    gradient reduction there, peft applies its forward hooks. ``on_hidden`` runs in a forward hook of the decoder
+    (e.g. the head and the loss on chunks); the model's own head then sees an empty slice (``logits_to_keep``
+    with no positions). Entries of ``batch`` that are loss inputs (``shift_labels``, ``labels``, ...) are dropped.
     """
     inner = causal_lm(model)
     if getattr(getattr(inner, "active_peft_config", None), "is_prompt_learning", False):
         raise ValueError(
-            "causal_lm_loss does not support peft prompt-learning methods (their virtual tokens change the "
+            "hf_ringcp's chunked head does not support peft prompt-learning methods (their virtual tokens change the "
             "sequence length); use LoRA-style adapters."
         )
-    head = inner.get_output_embeddings()
-    result: list[tuple[torch.Tensor, torch.Tensor]] = []
+    result: list[Any] = []
 
     def on_decoder_output(module, args, output) -> None:
-        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-        result.append(chunked_cross_entropy_sum(hidden, head, labels, chunk_size, logits_transform=transform))
+        result.append(on_hidden(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]))
 
     inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
-    device = labels.device
+    device = next(v for v in batch.values() if torch.is_tensor(v)).device
     handle = inner.get_decoder().register_forward_hook(on_decoder_output)
     try:
         model(**inputs, use_cache=False, logits_to_keep=torch.empty(0, dtype=torch.long, device=device))
@@ -161,6 +188,27 @@ def _loss_through_forward(
     if len(result) != 1:
         raise RuntimeError(f"expected the decoder to run once in the model's forward, but it ran {len(result)} times.")
     return result[0]
+
+
+def causal_lm_loss_sum(
+    model: torch.nn.Module, sharded_batch: Mapping[str, Any], *, chunk_size: int = 4096,
+    logits_transform: LogitsTransform | None = None, logits_out: list[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's ``(loss_sum, count)`` of a shard (see :func:`chunked_cross_entropy_sum`), through the model's
+    own forward; :func:`normalise` (training) or :func:`group_mean` (evaluation) turns them into the loss.
+    ``logits_out`` (evaluation only) receives the ``[R, S_local, V]`` logits of the same chunks."""
+    labels = sharded_batch.get("shift_labels")
+    if labels is None:
+        raise ValueError(
+            "causal_lm_loss needs `shift_labels` (labels shifted before sharding); build the batch with "
+            "hf_ringcp.shard_batch(batch, group, layout=...) from a batch that has `labels`."
+        )
+    prepare_model(model)
+    if logits_transform is None:
+        logits_transform = logits_transform_for(model)
+    head = causal_lm(model).get_output_embeddings()
+    return run_with_hidden(model, sharded_batch, lambda hidden: chunked_cross_entropy_sum(
+        hidden, head, labels, chunk_size, logits_transform=logits_transform, logits_out=logits_out))
 
 
 def causal_lm_loss(
@@ -204,17 +252,9 @@ def causal_lm_loss(
         global token-mean loss; after ``backward()`` on every rank, a SUM all-reduce of the gradients over the CP
         group gives the gradients of the unsharded model.
     """
-    labels = sharded_batch.get("shift_labels")
-    if labels is None:
-        raise ValueError(
-            "causal_lm_loss needs `shift_labels` (labels shifted before sharding); build the batch with "
-            "hf_ringcp.shard_batch(batch, group, layout=...) from a batch that has `labels`."
-        )
     group, world = _cp_group(group)
-    prepare_model(model)
-    if logits_transform is None:
-        logits_transform = logits_transform_for(model)
-    loss_sum, count = _loss_through_forward(model, sharded_batch, labels, chunk_size, logits_transform)
+    loss_sum, count = causal_lm_loss_sum(model, sharded_batch, chunk_size=chunk_size,
+                                         logits_transform=logits_transform)
     if num_items_in_batch is None:
         if world > 1:
             dist.all_reduce(count, group=group)

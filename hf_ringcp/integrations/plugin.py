@@ -26,9 +26,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from hf_ringcp.integrations.batch import count_targets, pad_batch_to_multiple, shard_batch
+from hf_ringcp.integrations.batch import (
+    SHARD_KEY,
+    count_targets,
+    pad_batch_to_multiple,
+    shard_batch,
+    unshard_predictions,
+)
 from hf_ringcp.integrations.context import context_parallel
-from hf_ringcp.integrations.loss import causal_lm_loss
+from hf_ringcp.integrations.loss import causal_lm_loss, causal_lm_loss_sum, group_mean, normalise
 from hf_ringcp.integrations.memory import offload_to_cpu, tile_mlp
 from hf_ringcp.integrations.models import check_ring_model, prepare_model
 from hf_ringcp.ring import RingConfig
@@ -291,20 +297,34 @@ class ContextParallelPlugin:
                 chunk_size=self.loss_chunk_size, averaged_over=self.world_size,
             )
 
-    def eval_loss(self, model: torch.nn.Module, sharded_batch: Mapping[str, Any]) -> torch.Tensor:
-        """The token-mean loss of the batch this CP group shares, identical on its ranks (for evaluation)."""
-        local = causal_lm_loss(model, sharded_batch, group=self.cp_group, chunk_size=self.loss_chunk_size)
-        total = local.detach().clone()
-        if self.cp_size > 1:
-            dist.all_reduce(total, group=self.cp_group)
-        return total
+    def eval_loss(
+        self, model: torch.nn.Module, sharded_batch: Mapping[str, Any], *, return_logits: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The token-mean loss of the batch this CP group shares, identical on its ranks (for evaluation).
+
+        With ``return_logits`` also the logits ``[B, S, V]`` (float32) in the batch's own order, identical on the
+        group's ranks: the same chunks the loss was computed from, unsharded (:func:`unshard_predictions`).
+        """
+        kept: list[torch.Tensor] | None = [] if return_logits else None
+        with torch.no_grad():
+            local_sum, count = causal_lm_loss_sum(model, sharded_batch, chunk_size=self.loss_chunk_size,
+                                                  logits_out=kept)
+        loss = group_mean(local_sum, count, self.cp_group)
+        if not return_logits:
+            return loss
+        logits = unshard_predictions(kept[0], sharded_batch.get(SHARD_KEY), self.cp_group, self.layout)
+        return loss, logits
 
     def loss_value(self, loss: torch.Tensor) -> float:
-        """The global token-mean loss from the per-rank values returned by :meth:`loss` (one all-reduce)."""
+        """The global token-mean loss from the per-rank values returned by :meth:`loss` (one all-reduce).
+
+        Each rank returned ``local_sum * world / N``; their sum is ``world * mean``, so :func:`normalise` over
+        ``world`` gives the mean back.
+        """
         total = loss.detach().double().clone()
         if dist.is_initialized():
             dist.all_reduce(total)
-        return total.item() / self.world_size
+        return normalise(total, self.world_size).item()
 
     @property
     def comm_device(self) -> torch.device:

@@ -201,5 +201,5 @@ def test_transformers_version_check_is_honest(monkeypatch) -> None:
     low, high = (Version(v) for v in TESTED_TRANSFORMERS)
     assert low <= Version(".".join(transformers.__version__.split(".")[:2])) <= high
     monkeypatch.setattr(transformers, "__version__", "5.40.0")
-    with pytest.warns(UserWarning, match=r"tested with transformers 5\.17-5\.24; 5\.40\.0 is installed"):
+    with pytest.warns(UserWarning, match=r"tested with transformers 5\.17-5\.25; 5\.40\.0 is installed"):
         check_trainer_api(trainer)
