@@ -30,12 +30,22 @@ _NOT_MODEL_INPUTS = ("shift_labels", "labels", "num_items_in_batch", "use_cache"
 
 
 def _chunk_loss_sum(
-    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, transform: LogitsTransform | None
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, transform: LogitsTransform | None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     logits = head(hidden).float()
     if transform is not None:
         logits = transform(logits)
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    # torch's smoothing is transformers' LabelSmoother per token: (1 - eps) * nll + eps * mean over the vocabulary of
+    # -log p, both zero at ignored targets; summed here and divided by the step's target count by the caller.
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing)
+
+
+def check_label_smoothing(label_smoothing: float) -> float:
+    """Return ``label_smoothing`` as a float, or raise unless ``0 <= label_smoothing <= 1``."""
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"`label_smoothing` must be in [0, 1] (0: off), but got {label_smoothing!r}.")
+    return float(label_smoothing)
 
 
 def chunked_cross_entropy_sum(
@@ -45,6 +55,7 @@ def chunked_cross_entropy_sum(
     chunk_size: int = 4096,
     *,
     logits_transform: LogitsTransform | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of ``head_module(hidden)`` against ``labels``, ``chunk_size`` tokens at a time.
 
@@ -56,6 +67,8 @@ def chunked_cross_entropy_sum(
             should follow ``hidden[..., i, :]``), ``-100`` where ignored.
         chunk_size: tokens per chunk; the float32 logits of one chunk, ``[chunk_size, V]``, is the peak.
         logits_transform: applied to the float32 logits of each chunk before the loss (e.g. soft-capping).
+        label_smoothing: ``eps`` of transformers' ``LabelSmoother`` (``TrainingArguments.label_smoothing_factor``):
+            each target's loss is ``(1 - eps) * nll + eps * mean_v(-log p_v)``; ignored targets add nothing.
 
     Returns:
         ``(loss_sum, count)``: float32 scalar sum of the token losses, int64 scalar number of non-ignored
@@ -71,7 +84,8 @@ def chunked_cross_entropy_sum(
         )
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.long)
-    fn = functools.partial(_chunk_loss_sum, head=head_module, transform=logits_transform)
+    fn = functools.partial(_chunk_loss_sum, head=head_module, transform=logits_transform,
+                           label_smoothing=check_label_smoothing(label_smoothing))
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, flat_labels.numel(), chunk_size):
         h, y = flat_hidden[start : start + chunk_size], flat_labels[start : start + chunk_size]
@@ -130,7 +144,7 @@ def normalise(loss_sum: torch.Tensor, num_items: torch.Tensor | int, averaged_ov
 
 def _loss_through_forward(
     model: torch.nn.Module, batch: Mapping[str, Any], labels: torch.Tensor, chunk_size: int,
-    transform: LogitsTransform | None,
+    transform: LogitsTransform | None, label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the model's own forward, computing the chunked loss from the decoder output inside it.
 
@@ -149,7 +163,8 @@ def _loss_through_forward(
 
     def on_decoder_output(module, args, output) -> None:
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-        result.append(chunked_cross_entropy_sum(hidden, head, labels, chunk_size, logits_transform=transform))
+        result.append(chunked_cross_entropy_sum(hidden, head, labels, chunk_size, logits_transform=transform,
+                                                label_smoothing=label_smoothing))
 
     inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
     device = labels.device
@@ -172,6 +187,7 @@ def causal_lm_loss(
     chunk_size: int = 4096,
     logits_transform: LogitsTransform | None = None,
     averaged_over: int = 1,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """This rank's share of the causal-LM loss: ``sum of local token losses * averaged_over / N``.
 
@@ -198,6 +214,9 @@ def causal_lm_loss(
             config (``final_logit_softcapping``).
         averaged_over: the number of ranks whose gradients a wrapper averages (DDP/FSDP over the whole world);
             see :func:`normalise`.
+        label_smoothing: transformers' ``LabelSmoother`` epsilon (``TrainingArguments.label_smoothing_factor``); its
+            smoothed term is normalised by the same ``N`` (times the vocabulary size), so the sum over the group
+            equals the single-process smoothed loss, gradient accumulation included.
 
     Returns:
         float32 scalar ``local_sum * averaged_over / N``. With ``averaged_over=1`` the sum over the CP ranks is the
@@ -214,7 +233,9 @@ def causal_lm_loss(
     prepare_model(model)
     if logits_transform is None:
         logits_transform = logits_transform_for(model)
-    loss_sum, count = _loss_through_forward(model, sharded_batch, labels, chunk_size, logits_transform)
+    label_smoothing = check_label_smoothing(label_smoothing)
+    loss_sum, count = _loss_through_forward(model, sharded_batch, labels, chunk_size, logits_transform,
+                                            label_smoothing)
     if num_items_in_batch is None:
         if world > 1:
             dist.all_reduce(count, group=group)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -72,6 +73,19 @@ def _is_sft_trainer(trainer: Trainer) -> bool:
     return any(c.__name__ == "SFTTrainer" and c.__module__.startswith("trl") for c in type(trainer).__mro__)
 
 
+def _label_smoothing(trainer: Trainer) -> float:
+    """The epsilon of the Trainer's own ``LabelSmoother`` (``label_smoothing_factor``), 0.0 without one."""
+    smoother = getattr(trainer, "label_smoother", None)
+    return 0.0 if smoother is None else float(smoother.epsilon)
+
+
+def _wrapped_for_training_by_train(trainer: Trainer) -> bool:
+    """Whether ``train()`` wraps the model for data parallelism with ``accelerator.prepare`` (DDP): a world of
+    several processes without FSDP, DeepSpeed or a transformers-sharded model, which are prepared their own way."""
+    own_way = ("is_fsdp_enabled", "is_deepspeed_enabled", "is_distributed_loading_by_transformers")
+    return dist.is_initialized() and dist.get_world_size() > 1 and not any(getattr(trainer, a, False) for a in own_way)
+
+
 def check_trainer_api(trainer: Trainer, custom_compute_loss: bool = False) -> None:
     """Refuse Trainers whose hooks the callback cannot use; warn for versions outside the tested range."""
     params = list(inspect.signature(type(trainer).compute_loss).parameters)
@@ -88,6 +102,15 @@ def check_trainer_api(trainer: Trainer, custom_compute_loss: bool = False) -> No
                 f"{'-'.join(TESTED_TRANSFORMERS)} have it). Install a tested transformers release."
             )
     sft = _is_sft_trainer(trainer)
+    smoothing = _label_smoothing(trainer)
+    if smoothing and type(trainer).compute_loss is not Trainer.compute_loss:
+        raise ValueError(
+            f"label_smoothing_factor={smoothing} with {type(trainer).__name__}'s own compute_loss: under context "
+            "parallelism its model call sees one rank's shard, with pre-shifted `shift_labels` and no full `labels`, "
+            "so the Trainer's LabelSmoother cannot apply and the loss would silently be unsmoothed. Set "
+            "label_smoothing_factor=0, or use the plain transformers.Trainer, whose loss RingCPCallback smooths "
+            "exactly."
+        )
     if type(trainer).compute_loss is not Trainer.compute_loss and not (sft or custom_compute_loss):
         raise RuntimeError(
             f"{type(trainer).__name__} overrides compute_loss. Under context parallelism its model call sees one "
@@ -151,6 +174,8 @@ class RingCPCallback(TrainerCallback):
         self._stack = contextlib.ExitStack()
         self._want_logits = False
         self._shards: dict[int, tuple[Any, dict[str, Any]]] = {}
+        self._tokens_counted = 0
+        self._neftune: list[torch.nn.Module] = []
         self.trainer: Trainer | None = None
 
     # ------------------------------------------------------------------------------------------- events
@@ -196,10 +221,44 @@ class RingCPCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if self.trainer is None:
             raise RuntimeError(_AT_CONSTRUCTION)
+        trainer = self.trainer
+        if _wrapped_for_training_by_train(trainer) and trainer.model_wrapped is trainer.model:
+            raise RuntimeError(
+                "The Trainer is training a model that Accelerate did not wrap for data parallelism (DDP), so each rank "
+                "would step on the gradient of its own shard. Was the model prepared before train() (e.g. "
+                "accelerator.prepare_model(model, evaluation_mode=True))? Pass the Trainer an unprepared model."
+            )
         # Gradient checkpointing recomputes attention during backward, outside the step's context: keep CP on.
         self._stack.enter_context(self.plugin.context())
         self._meter = ThroughputMeter(args.device)
+        self._tokens_counted = state.num_input_tokens_seen
+        # NEFTune's hook (installed by train() before this event) scales its noise by 1/sqrt(L*d) of the tensor it
+        # sees, the shard: the seam rescales the alpha it reads so that L is the sequence's length.
+        alpha = getattr(trainer, "neftune_noise_alpha", None)
+        self._neftune = [] if alpha is None else [
+            m for m in trainer.model.modules() if getattr(m, "neftune_noise_alpha", None) is not None]
+        if alpha is not None and not self._neftune:
+            raise RuntimeError(
+                "neftune_noise_alpha is set but no module carries the NEFTune hook's `neftune_noise_alpha`, so "
+                "RingCPCallback cannot make its noise amplitude use the sequence length (not the shard's). Unset "
+                "neftune_noise_alpha, or install a tested transformers release."
+            )
         return control
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._count_tokens_once(state)
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._count_tokens_once(state)
+        return control
+
+    def _count_tokens_once(self, state) -> None:
+        """``include_num_input_tokens_seen``: the Trainer sums the batch's tokens over all ranks, and every rank of a
+        CP group holds the same full batch, so what it added since the last event is ``cp_size`` times the tokens."""
+        added = state.num_input_tokens_seen - self._tokens_counted
+        state.num_input_tokens_seen = self._tokens_counted + added // self.plugin.cp_size
+        self._tokens_counted = state.num_input_tokens_seen
 
     def on_train_end(self, args, state, control, **kwargs):
         self._stack.close()
@@ -221,6 +280,12 @@ class RingCPCallback(TrainerCallback):
         if model.training:
             info = sharded.get(SHARD_KEY)
             self._meter.add(int(sharded["input_ids"].numel()) - (0 if info is None else info.local_padding()))
+            if self._neftune:
+                # The hook's amplitude is alpha / sqrt(L_shard * d); alpha * sqrt(L_shard / L) makes it
+                # alpha / sqrt(L * d), L the batch's length before the CP padding, as in one process.
+                scale = math.sqrt(sharded["input_ids"].shape[-1] / inputs["input_ids"].shape[-1])
+                for module in self._neftune:
+                    module.neftune_noise_alpha = self.trainer.neftune_noise_alpha * scale
         return self.plugin.context, dict(sharded)
 
     def _batch_samples(self, original: Callable):
@@ -286,9 +351,24 @@ class RingCPCallback(TrainerCallback):
     def _evaluation_loop(self, original: Callable):
         def evaluation_loop(*args: Any, **kwargs: Any):
             self.trainer.gather_function = self._gather
+            self._prepare_for_training_before_first_eval()
             return original(*args, **kwargs)
 
         return evaluation_loop
+
+    def _prepare_for_training_before_first_eval(self) -> None:
+        """``evaluate()``/``predict()`` before ``train()``: wrap the model for training (DDP) now, as ``train()`` would.
+
+        Otherwise the Trainer's evaluation prepares the bare model in evaluation mode (no DDP) and Accelerate marks
+        it prepared, so the later ``train()`` gets it back unwrapped and each rank steps on its own shard's gradient
+        (transformers 5.25 / accelerate 1.16, and plain multi-process DDP too). With ``model_wrapped`` set,
+        ``train()`` reuses the wrapped model as on a second ``train()`` call, and evaluation skips its own prepare.
+        """
+        trainer = self.trainer
+        if trainer.is_in_train or trainer.model_wrapped is not trainer.model or not _wrapped_for_training_by_train(
+                trainer):
+            return
+        trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
 
     def _gather(self, tensors: Any) -> Any:
         """``accelerator.gather_for_metrics`` keeping one copy per CP group (all its ranks hold the same data)."""
@@ -321,13 +401,14 @@ class RingCPCallback(TrainerCallback):
         if model.training:
             if num_items_in_batch is None:  # a Trainer path that counted nothing: count this micro-batch
                 num_items_in_batch = plugin.count_items([inputs]) * self.trainer.current_gradient_accumulation_steps
-            loss = plugin.loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            loss = plugin.loss(model, inputs, num_items_in_batch=num_items_in_batch,
+                               label_smoothing=_label_smoothing(self.trainer))
             outputs = {"loss": loss}
         elif return_outputs and self._want_logits:
             loss, outputs = self._eval_with_logits(model, inputs)
         else:
             # Eval: the loss of this data-parallel group's batch, equal on its CP ranks (no gradient).
-            loss = plugin.eval_loss(model, inputs)
+            loss = plugin.eval_loss(model, inputs, label_smoothing=_label_smoothing(self.trainer))
             outputs = {"loss": loss}
         return (loss, outputs) if return_outputs else loss
 
@@ -338,7 +419,8 @@ class RingCPCallback(TrainerCallback):
         logits = model(**{k: v for k, v in batch.items() if k != "shift_labels"}, use_cache=False).logits
         flat = logits.float().reshape(-1, logits.shape[-1])
         stats = torch.stack([
-            F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"),
+            F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum",
+                            label_smoothing=_label_smoothing(self.trainer)),
             (labels != IGNORE_INDEX).sum().to(flat.dtype),
         ]).double()
         if plugin.cp_size > 1:
