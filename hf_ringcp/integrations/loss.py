@@ -30,12 +30,22 @@ _NOT_MODEL_INPUTS = ("shift_labels", "labels", "num_items_in_batch", "use_cache"
 
 
 def _chunk_loss_sum(
-    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, transform: LogitsTransform | None
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, transform: LogitsTransform | None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     logits = head(hidden).float()
     if transform is not None:
         logits = transform(logits)
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    # torch's smoothing is transformers' LabelSmoother per token: (1 - eps) * nll + eps * mean over the vocabulary of
+    # -log p, both zero at ignored targets; summed here and divided by the step's target count by the caller.
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing)
+
+
+def check_label_smoothing(label_smoothing: float) -> float:
+    """Return ``label_smoothing`` as a float, or raise unless ``0 <= label_smoothing <= 1``."""
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"`label_smoothing` must be in [0, 1] (0: off), but got {label_smoothing!r}.")
+    return float(label_smoothing)
 
 
 def chunked_cross_entropy_sum(
@@ -46,6 +56,7 @@ def chunked_cross_entropy_sum(
     *,
     logits_transform: LogitsTransform | None = None,
     logits_out: list[torch.Tensor] | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of ``head_module(hidden)`` against ``labels``, ``chunk_size`` tokens at a time.
 
@@ -57,6 +68,8 @@ def chunked_cross_entropy_sum(
             should follow ``hidden[..., i, :]``), ``-100`` where ignored.
         chunk_size: tokens per chunk; the float32 logits of one chunk, ``[chunk_size, V]``, is the peak.
         logits_transform: applied to the float32 logits of each chunk before the loss (e.g. soft-capping).
+        label_smoothing: ``eps`` of transformers' ``LabelSmoother`` (``TrainingArguments.label_smoothing_factor``):
+            each target's loss is ``(1 - eps) * nll + eps * mean_v(-log p_v)``; ignored targets add nothing.
         logits_out: without autograd only (evaluation with ``compute_metrics``): a list that receives the
             ``[..., S, V]`` float32 logits the loss was computed from (the same chunks, concatenated).
 
@@ -77,7 +90,9 @@ def chunked_cross_entropy_sum(
         raise ValueError("`logits_out` is for evaluation: call chunked_cross_entropy_sum under torch.no_grad().")
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.long)
-    fn = functools.partial(_chunk_loss_sum, head=head_module, transform=logits_transform)
+    label_smoothing = check_label_smoothing(label_smoothing)
+    fn = functools.partial(_chunk_loss_sum, head=head_module, transform=logits_transform,
+                           label_smoothing=label_smoothing)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     kept: list[torch.Tensor] = []
     for start in range(0, flat_labels.numel(), chunk_size):
@@ -86,7 +101,8 @@ def chunked_cross_entropy_sum(
             logits = head_module(h).float()
             logits = logits if logits_transform is None else logits_transform(logits)
             kept.append(logits)
-            total = total + F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+            total = total + F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum",
+                                            label_smoothing=label_smoothing)
         elif torch.is_grad_enabled():
             total = total + checkpoint(fn, h, y, use_reentrant=False)
         else:
@@ -193,6 +209,7 @@ def run_with_hidden(model: torch.nn.Module, batch: Mapping[str, Any], on_hidden:
 def causal_lm_loss_sum(
     model: torch.nn.Module, sharded_batch: Mapping[str, Any], *, chunk_size: int = 4096,
     logits_transform: LogitsTransform | None = None, logits_out: list[torch.Tensor] | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's ``(loss_sum, count)`` of a shard (see :func:`chunked_cross_entropy_sum`), through the model's
     own forward; :func:`normalise` (training) or :func:`group_mean` (evaluation) turns them into the loss.
@@ -208,7 +225,8 @@ def causal_lm_loss_sum(
         logits_transform = logits_transform_for(model)
     head = causal_lm(model).get_output_embeddings()
     return run_with_hidden(model, sharded_batch, lambda hidden: chunked_cross_entropy_sum(
-        hidden, head, labels, chunk_size, logits_transform=logits_transform, logits_out=logits_out))
+        hidden, head, labels, chunk_size, logits_transform=logits_transform, logits_out=logits_out,
+        label_smoothing=label_smoothing))
 
 
 def causal_lm_loss(
@@ -220,6 +238,7 @@ def causal_lm_loss(
     chunk_size: int = 4096,
     logits_transform: LogitsTransform | None = None,
     averaged_over: int = 1,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """This rank's share of the causal-LM loss: ``sum of local token losses * averaged_over / N``.
 
@@ -246,6 +265,9 @@ def causal_lm_loss(
             config (``final_logit_softcapping``).
         averaged_over: the number of ranks whose gradients a wrapper averages (DDP/FSDP over the whole world);
             see :func:`normalise`.
+        label_smoothing: transformers' ``LabelSmoother`` epsilon (``TrainingArguments.label_smoothing_factor``); its
+            smoothed term is normalised by the same ``N`` (times the vocabulary size), so the sum over the group
+            equals the single-process smoothed loss, gradient accumulation included.
 
     Returns:
         float32 scalar ``local_sum * averaged_over / N``. With ``averaged_over=1`` the sum over the CP ranks is the
@@ -254,7 +276,7 @@ def causal_lm_loss(
     """
     group, world = _cp_group(group)
     loss_sum, count = causal_lm_loss_sum(model, sharded_batch, chunk_size=chunk_size,
-                                         logits_transform=logits_transform)
+                                         logits_transform=logits_transform, label_smoothing=label_smoothing)
     if num_items_in_batch is None:
         if world > 1:
             dist.all_reduce(count, group=group)

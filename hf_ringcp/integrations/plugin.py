@@ -281,34 +281,38 @@ class ContextParallelPlugin:
         return count_targets(sharded_batches)
 
     def loss(
-        self, model: torch.nn.Module, sharded_batch: Mapping[str, Any], num_items_in_batch: torch.Tensor | None = None
+        self, model: torch.nn.Module, sharded_batch: Mapping[str, Any], num_items_in_batch: torch.Tensor | None = None,
+        *, label_smoothing: float = 0.0,
     ) -> torch.Tensor:
         """The loss to call ``backward()`` on: ``world_size * local_sum / N``.
 
         DDP/FSDP average gradients over all ranks, which turns this into the exact gradient of the global token
         mean. ``num_items_in_batch`` is ``N`` for gradient accumulation (:meth:`count_items` over the step's
         micro-batches); ``None`` counts this batch. :meth:`loss_value` gives the mean loss for logging.
+        ``label_smoothing``: transformers' ``LabelSmoother`` epsilon (see :func:`hf_ringcp.causal_lm_loss`).
         """
         if num_items_in_batch is None:
             num_items_in_batch = self.count_items([sharded_batch])
         with offload_to_cpu() if self.offload_activations else contextlib.nullcontext():
             return causal_lm_loss(
                 model, sharded_batch, group=self.cp_group, num_items_in_batch=num_items_in_batch,
-                chunk_size=self.loss_chunk_size, averaged_over=self.world_size,
+                chunk_size=self.loss_chunk_size, averaged_over=self.world_size, label_smoothing=label_smoothing,
             )
 
     def eval_loss(
-        self, model: torch.nn.Module, sharded_batch: Mapping[str, Any], *, return_logits: bool = False
+        self, model: torch.nn.Module, sharded_batch: Mapping[str, Any], *, label_smoothing: float = 0.0,
+        return_logits: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The token-mean loss of the batch this CP group shares, identical on its ranks (for evaluation).
 
         With ``return_logits`` also the logits ``[B, S, V]`` (float32) in the batch's own order, identical on the
         group's ranks: the same chunks the loss was computed from, unsharded (:func:`unshard_predictions`).
+        ``label_smoothing``: transformers' ``LabelSmoother`` epsilon (see :func:`hf_ringcp.causal_lm_loss`).
         """
         kept: list[torch.Tensor] | None = [] if return_logits else None
         with torch.no_grad():
             local_sum, count = causal_lm_loss_sum(model, sharded_batch, chunk_size=self.loss_chunk_size,
-                                                  logits_out=kept)
+                                                  logits_out=kept, label_smoothing=label_smoothing)
         loss = group_mean(local_sum, count, self.cp_group)
         if not return_logits:
             return loss

@@ -27,7 +27,13 @@ from hf_ringcp.integrations import compat
 from hf_ringcp.integrations.compat import MIN_TRL, TESTED_TRANSFORMERS
 from hf_ringcp.integrations.metrics import ThroughputMeter
 from hf_ringcp.integrations.plugin import ContextParallelPlugin
-from hf_ringcp.integrations.trainer_mixin import WholeScalarsAccelerator, family_mixin, ring_cp_class
+from hf_ringcp.integrations.trainer_mixin import (
+    WholeScalarsAccelerator,
+    family_mixin,
+    label_smoothing_of,
+    ring_cp_class,
+    wrapped_for_training_by_train,
+)
 
 _AT_CONSTRUCTION = (
     "RingCPCallback must be passed to the Trainer at construction: Trainer(..., callbacks=[RingCPCallback(...)]); "
@@ -39,6 +45,15 @@ def check_trainer_api(trainer: Trainer, custom_compute_loss: bool = False) -> ty
     """Refuse trainers the integration cannot serve (naming the supported ones) and a TRL older than tested; warn
     for a transformers outside the tested range. Returns the family's mixin."""
     mixin = family_mixin(type(trainer), custom_compute_loss)
+    smoothing = label_smoothing_of(trainer)
+    if smoothing and not ring_cp_class(type(trainer), mixin)._ringcp_chunked_loss():
+        raise ValueError(
+            f"label_smoothing_factor={smoothing} with {type(trainer).__name__}'s own compute_loss: under context "
+            "parallelism its model call sees one rank's shard, with pre-shifted `shift_labels` and no full `labels`, "
+            "so the Trainer's LabelSmoother cannot apply and the loss would silently be unsmoothed. Set "
+            "label_smoothing_factor=0, or use the plain transformers.Trainer, whose loss RingCPCallback smooths "
+            "exactly."
+        )
     pc = getattr(trainer.accelerator, "parallelism_config", None)
     if pc is not None and getattr(pc, "cp_size", 1) > 1:
         raise ValueError(
@@ -86,6 +101,8 @@ class RingCPCallback(TrainerCallback):
         self.want_logits = False
         self._shards: dict[int, tuple[Any, dict[str, Any]]] = {}
         self.meter = ThroughputMeter()
+        self._tokens_counted = 0
+        self.neftune: list[Any] = []
         self.trainer: Trainer | None = None
 
     # ------------------------------------------------------------------------------------------- events
@@ -123,10 +140,44 @@ class RingCPCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if self.trainer is None:
             raise RuntimeError(_AT_CONSTRUCTION)
+        trainer = self.trainer
+        if wrapped_for_training_by_train(trainer) and trainer.model_wrapped is trainer.model:
+            raise RuntimeError(
+                "The Trainer is training a model that Accelerate did not wrap for data parallelism (DDP), so each rank "
+                "would step on the gradient of its own shard. Was the model prepared before train() (e.g. "
+                "accelerator.prepare_model(model, evaluation_mode=True))? Pass the Trainer an unprepared model."
+            )
         # Gradient checkpointing recomputes attention during backward, outside the step's context: keep CP on.
         self._stack.enter_context(self.plugin.context())
         self.meter = ThroughputMeter(args.device)
+        self._tokens_counted = state.num_input_tokens_seen
+        # NEFTune's hook (installed by train() before this event) scales its noise by 1/sqrt(L*d) of the tensor it
+        # sees, the shard: the mixin's hand-over rescales the alpha it reads so that L is the sequence's length.
+        alpha = getattr(trainer, "neftune_noise_alpha", None)
+        self.neftune = [] if alpha is None else [
+            m for m in trainer.model.modules() if getattr(m, "neftune_noise_alpha", None) is not None]
+        if alpha is not None and not self.neftune:
+            raise RuntimeError(
+                "neftune_noise_alpha is set but no module carries the NEFTune hook's `neftune_noise_alpha`, so "
+                "RingCPCallback cannot make its noise amplitude use the sequence length (not the shard's). Unset "
+                "neftune_noise_alpha, or install a tested transformers release."
+            )
         return control
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._count_tokens_once(state)
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._count_tokens_once(state)
+        return control
+
+    def _count_tokens_once(self, state) -> None:
+        """``include_num_input_tokens_seen``: the Trainer sums the batch's tokens over all ranks, and every rank of a
+        CP group holds the same full batch, so what it added since the last event is ``cp_size`` times the tokens."""
+        added = state.num_input_tokens_seen - self._tokens_counted
+        state.num_input_tokens_seen = self._tokens_counted + added // self.plugin.cp_size
+        self._tokens_counted = state.num_input_tokens_seen
 
     def on_train_end(self, args, state, control, **kwargs):
         self._stack.close()

@@ -23,6 +23,7 @@ with a subclass of this mixin; :func:`family_mixin` picks it.
 from __future__ import annotations
 
 import importlib
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -52,6 +53,19 @@ def _own(cls: type) -> bool:
 def _owner(cls: type, name: str) -> type | None:
     """The class whose ``name`` runs for instances of ``cls``, skipping hf_ringcp's own mixins."""
     return next((k for k in cls.__mro__ if not _own(k) and name in vars(k)), None)
+
+
+def label_smoothing_of(trainer: Any) -> float:
+    """The epsilon of the Trainer's own ``LabelSmoother`` (``label_smoothing_factor``), 0.0 without one."""
+    smoother = getattr(trainer, "label_smoother", None)
+    return 0.0 if smoother is None else float(smoother.epsilon)
+
+
+def wrapped_for_training_by_train(trainer: Any) -> bool:
+    """Whether ``train()`` wraps the model for data parallelism with ``accelerator.prepare`` (DDP): a world of
+    several processes without FSDP, DeepSpeed or a transformers-sharded model, which are prepared their own way."""
+    own_way = ("is_fsdp_enabled", "is_deepspeed_enabled", "is_distributed_loading_by_transformers")
+    return dist.is_initialized() and dist.get_world_size() > 1 and not any(getattr(trainer, a, False) for a in own_way)
 
 
 def _trainer_class() -> type:
@@ -128,6 +142,12 @@ class RingCPTrainerMixin:
         if model.training:
             info = sharded.get(SHARD_KEY)
             state.meter.add(int(sharded["input_ids"].numel()) - (0 if info is None else info.local_padding()))
+            if state.neftune:
+                # The hook's amplitude is alpha / sqrt(L_shard * d); alpha * sqrt(L_shard / L) makes it
+                # alpha / sqrt(L * d), L the batch's length before the CP padding, as in one process.
+                scale = math.sqrt(sharded["input_ids"].shape[-1] / inputs["input_ids"].shape[-1])
+                for module in state.neftune:
+                    module.neftune_noise_alpha = self.neftune_noise_alpha * scale
         return state.plugin.context, dict(sharded)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device):
@@ -151,13 +171,14 @@ class RingCPTrainerMixin:
         if model.training:
             if num_items_in_batch is None:  # a Trainer path that counted nothing: count this micro-batch
                 num_items_in_batch = plugin.count_items([inputs]) * compat.accumulation_steps(self)
-            loss = plugin.loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            loss = plugin.loss(model, inputs, num_items_in_batch=num_items_in_batch,
+                               label_smoothing=label_smoothing_of(self))
             outputs: dict[str, Any] = {"loss": loss}
         elif return_outputs and state.want_logits:
-            loss, logits = plugin.eval_loss(model, inputs, return_logits=True)
+            loss, logits = plugin.eval_loss(model, inputs, return_logits=True, label_smoothing=label_smoothing_of(self))
             outputs = {"loss": loss, "logits": logits}
         else:
-            loss = plugin.eval_loss(model, inputs)
+            loss = plugin.eval_loss(model, inputs, label_smoothing=label_smoothing_of(self))
             outputs = {"loss": loss}
         return (loss, outputs) if return_outputs else loss
 
@@ -183,6 +204,22 @@ class RingCPTrainerMixin:
             return loss, logits, inputs.get("labels")
         finally:
             state.want_logits = False
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any):
+        self._ringcp_prepare_for_training_before_first_eval()
+        return super().evaluation_loop(*args, **kwargs)
+
+    def _ringcp_prepare_for_training_before_first_eval(self) -> None:
+        """``evaluate()``/``predict()`` before ``train()``: wrap the model for training (DDP) now, as ``train()`` would.
+
+        Otherwise the Trainer's evaluation prepares the bare model in evaluation mode (no DDP) and Accelerate marks
+        it prepared, so the later ``train()`` gets it back unwrapped and each rank steps on its own shard's gradient
+        (transformers 5.25 / accelerate 1.16, and plain multi-process DDP too). With ``model_wrapped`` set,
+        ``train()`` reuses the wrapped model as on a second ``train()`` call, and evaluation skips its own prepare.
+        """
+        if self.is_in_train or self.model_wrapped is not self.model or not wrapped_for_training_by_train(self):
+            return
+        self.model_wrapped = self.accelerator.prepare_model(self.model)
 
     def _ringcp_gather(self, tensors: Any) -> Any:
         accelerator, cp = self.accelerator, self.ring_cp.plugin.cp_size
