@@ -74,7 +74,7 @@ def source_index(sharded_batch: Mapping[str, Any], group: dist.ProcessGroup | No
         rows = torch.arange(ids.shape[0], device=ids.device)[:, None] * (ids.shape[1] * world)
         return rows + local[None]
     local = info.placement.positions(info.rank, ids.device)
-    b, s = info.source_shape
+    _, s = info.source_shape
     if info.source_index is not None:
         return info.source_index.to(ids.device).index_select(1, local)
     rows = torch.arange(info.rows, device=ids.device)[:, None]
