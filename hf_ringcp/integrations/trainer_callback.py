@@ -21,7 +21,12 @@ or on transformers' modules:
   shards the batch itself and makes the per-shard eval loss the group's token mean; ``evaluation_loop`` sets the
   loop's ``gather_function`` (reset by the Trainer after every loop) to keep one copy of each CP group's outputs,
   and ``accelerator.gather_for_metrics`` gathers per-rank scalars (TRL's metric sums over the shards) whole;
-- ``log`` is wrapped to add tokens/s (global and per device), peak memory and the CP layout.
+- ``log`` is wrapped to add tokens/s (global and per device), peak memory and the CP layout;
+- ``label_smoothing_factor`` (the Trainer's ``LabelSmoother``) is applied exactly by the chunked loss, and refused
+  for a ``compute_loss`` the callback does not own; ``include_num_input_tokens_seen`` counts each token once, not
+  once per CP rank; NEFTune's noise amplitude uses the sequence's length, not the shard's;
+- ``evaluate()``/``predict()`` before ``train()`` first wraps the model for training (DDP), which the Trainer's
+  evaluation-only preparation would otherwise leave unwrapped for the whole training.
 
 Versions: tested with transformers 5.17-5.24 and trl 1.16; :func:`check_trainer_api` refuses Trainers whose hooks
 differ and warns outside the tested range.
