@@ -10,7 +10,11 @@ untouched. The Accelerator gets the ``("dp_replicate", "cp")`` mesh before any d
 so Accelerate gives a CP group the same batches.
 
 The callback carries the settings and the per-run state the mixin reads (``trainer.ring_cp``): the plugin, the
-shard of the current batch (sharded once, shared by counting and the step), the throughput meter.
+shard of the current batch (sharded once, shared by counting and the step), the throughput meter. Its events fix
+what the Trainer counts per rank: ``include_num_input_tokens_seen`` counts each token once, not once per CP rank;
+NEFTune's noise amplitude uses the sequence's length, not the shard's (the mixin rescales it at the hand-over); and
+a model left unwrapped by an ``evaluate()`` before ``train()`` is refused. ``label_smoothing_factor`` is applied
+exactly by the chunked loss and refused for a ``compute_loss`` the integration does not own.
 
 Versions: tested with transformers and TRL as :mod:`hf_ringcp.integrations.compat` says; older TRL is refused,
 transformers outside the tested range warned about.

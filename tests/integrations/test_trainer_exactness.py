@@ -173,6 +173,34 @@ def test_label_smoothing_equals_the_trainers_label_smoother(ring_runs, tmp_path)
         _assert_same_run(results["smoothing_and_tokens"], ref)
 
 
+def test_chunked_loss_with_smoothing_is_the_label_smoother() -> None:
+    """One process, no Trainer: ``causal_lm_loss(label_smoothing=eps)`` (small chunks, an accumulation-sized ``N``)
+    equals transformers' ``LabelSmoother`` on the full logits, in value and in gradients."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    from hf_ringcp import causal_lm_loss, shard_batch
+
+    model = tiny_lora_llama("ring")
+    samples = _samples(2, seed=3)
+    ids, labels = torch.stack([x["input_ids"] for x in samples]), torch.stack([x["labels"] for x in samples])
+    n = 3 * int((labels[:, 1:] != -100).sum())  # as if the step had 3 such micro-batches
+    ref = LabelSmoother(epsilon=0.1)(model(input_ids=ids), labels, shift_labels=True, num_items_in_batch=n)
+    ref_grads = torch.autograd.grad(ref, [p for p in model.parameters() if p.requires_grad])
+    got = causal_lm_loss(model, shard_batch({"input_ids": ids, "labels": labels}), num_items_in_batch=n,
+                         chunk_size=5, label_smoothing=0.1)
+    grads = torch.autograd.grad(got, [p for p in model.parameters() if p.requires_grad])
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    for g, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-7)
+    # ... and the smoothing is not a no-op here: the unsmoothed gradients are another thing.
+    plain = causal_lm_loss(model, shard_batch({"input_ids": ids, "labels": labels}), num_items_in_batch=n)
+    plain_grads = torch.autograd.grad(plain, [p for p in model.parameters() if p.requires_grad])
+    difference = torch.cat([(a - b).flatten() for a, b in zip(plain_grads, ref_grads, strict=True)]).norm()
+    assert difference > 1e-2 * torch.cat([g.flatten() for g in ref_grads]).norm()
+    with pytest.raises(ValueError, match=r"`label_smoothing` must be in \[0, 1\]"):
+        causal_lm_loss(model, shard_batch({"input_ids": ids, "labels": labels}), label_smoothing=1.5)
+
+
 def test_label_smoothing_with_a_loss_the_callback_does_not_own_is_refused(tmp_path) -> None:
     from hf_ringcp import RingCPCallback
 
