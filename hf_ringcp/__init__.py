@@ -42,6 +42,7 @@ __version__ = "0.2.0"
 _LAZY = {
     "ContextParallelPlugin": "hf_ringcp.integrations.plugin",
     "RingCPCallback": "hf_ringcp.integrations.trainer_callback",
+    "RingCPTrainerMixin": "hf_ringcp.integrations.trainer_mixin",
     "generate": "hf_ringcp.integrations.generation",
 }
 
@@ -56,6 +57,7 @@ __all__ = [
     "ContextParallelPlugin",
     "Layout",
     "RingCPCallback",
+    "RingCPTrainerMixin",
     "RingConfig",
     "RingContext",
     "causal_lm_loss",

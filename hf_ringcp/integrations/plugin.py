@@ -28,9 +28,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from hf_ringcp.integrations.batch import count_targets, pad_batch_to_multiple, shard_batch
+from hf_ringcp.integrations.batch import (
+    SHARD_KEY,
+    count_targets,
+    pad_batch_to_multiple,
+    shard_batch,
+    unshard_predictions,
+)
 from hf_ringcp.integrations.context import context_parallel
-from hf_ringcp.integrations.loss import causal_lm_loss
+from hf_ringcp.integrations.loss import causal_lm_loss, causal_lm_loss_sum, group_mean, normalise
 from hf_ringcp.integrations.memory import offload_to_cpu, tile_mlp
 from hf_ringcp.integrations.models import check_ring_model, prepare_model
 from hf_ringcp.ring import RingConfig
@@ -306,36 +312,54 @@ class ContextParallelPlugin:
         return count_targets(sharded_batches)
 
     def loss(
-        self, model: torch.nn.Module, sharded_batch: Mapping[str, Any], num_items_in_batch: torch.Tensor | None = None
+        self, model: torch.nn.Module, sharded_batch: Mapping[str, Any], num_items_in_batch: torch.Tensor | None = None,
+        *, label_smoothing: float = 0.0,
     ) -> torch.Tensor:
         """The loss to call ``backward()`` on: ``world_size * local_sum / N``.
 
         DDP/FSDP average gradients over all ranks, which turns this into the exact gradient of the global token
         mean. ``num_items_in_batch`` is ``N`` for gradient accumulation (:meth:`count_items` over the step's
         micro-batches); ``None`` counts this batch. :meth:`loss_value` gives the mean loss for logging.
+        ``label_smoothing``: transformers' ``LabelSmoother`` epsilon (see :func:`hf_ringcp.causal_lm_loss`).
         """
         if num_items_in_batch is None:
             num_items_in_batch = self.count_items([sharded_batch])
         with offload_to_cpu() if self.offload_activations else contextlib.nullcontext():
             return causal_lm_loss(
                 model, sharded_batch, group=self.cp_group, num_items_in_batch=num_items_in_batch,
-                chunk_size=self.loss_chunk_size, averaged_over=self.world_size,
+                chunk_size=self.loss_chunk_size, averaged_over=self.world_size, label_smoothing=label_smoothing,
             )
 
-    def eval_loss(self, model: torch.nn.Module, sharded_batch: Mapping[str, Any]) -> torch.Tensor:
-        """The token-mean loss of the batch this CP group shares, identical on its ranks (for evaluation)."""
-        local = causal_lm_loss(model, sharded_batch, group=self.cp_group, chunk_size=self.loss_chunk_size)
-        total = local.detach().clone()
-        if self.cp_size > 1:
-            dist.all_reduce(total, group=self.cp_group)
-        return total
+    def eval_loss(
+        self, model: torch.nn.Module, sharded_batch: Mapping[str, Any], *, label_smoothing: float = 0.0,
+        return_logits: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The token-mean loss of the batch this CP group shares, identical on its ranks (for evaluation).
+
+        With ``return_logits`` also the logits ``[B, S, V]`` (float32) in the batch's own order, identical on the
+        group's ranks: the same chunks the loss was computed from, unsharded (:func:`unshard_predictions`).
+        ``label_smoothing``: transformers' ``LabelSmoother`` epsilon (see :func:`hf_ringcp.causal_lm_loss`).
+        """
+        kept: list[torch.Tensor] | None = [] if return_logits else None
+        with torch.no_grad():
+            local_sum, count = causal_lm_loss_sum(model, sharded_batch, chunk_size=self.loss_chunk_size,
+                                                  logits_out=kept, label_smoothing=label_smoothing)
+        loss = group_mean(local_sum, count, self.cp_group)
+        if not return_logits:
+            return loss
+        logits = unshard_predictions(kept[0], sharded_batch.get(SHARD_KEY), self.cp_group, self.layout)
+        return loss, logits
 
     def loss_value(self, loss: torch.Tensor) -> float:
-        """The global token-mean loss from the per-rank values returned by :meth:`loss` (one all-reduce)."""
+        """The global token-mean loss from the per-rank values returned by :meth:`loss` (one all-reduce).
+
+        Each rank returned ``local_sum * world / N``; their sum is ``world * mean``, so :func:`normalise` over
+        ``world`` gives the mean back.
+        """
         total = loss.detach().double().clone()
         if dist.is_initialized():
             dist.all_reduce(total)
-        return total.item() / self.world_size
+        return normalise(total, self.world_size).item()
 
     @property
     def comm_device(self) -> torch.device:

@@ -1,56 +1,44 @@
-"""``RingCPCallback``: context parallelism for ``transformers.Trainer`` (and TRL's ``SFTTrainer``) by one callback.
+"""``RingCPCallback``: context parallelism for ``transformers.Trainer`` and TRL's trainers by one callback.
 
-A ``TrainerCallback`` only sees events, not the Trainer, and what CP needs sits inside it: the data split, the
-batch sharding and the loss. So at ``on_init_end`` — called at the end of ``Trainer.__init__`` — the callback
-finds that Trainer (the caller's frame) and uses the Trainer's own seams on that instance only, never on the class
-or on transformers' modules:
+``Trainer(..., callbacks=[RingCPCallback(cp_size=4)])`` is the whole entry point. At ``on_init_end`` (the end of
+``Trainer.__init__``) the callback finds its Trainer (:func:`hf_ringcp.integrations.compat.find_trainer`), checks
+it is a supported family (:func:`~hf_ringcp.integrations.trainer_mixin.family_mixin`), and turns that one
+instance into the family's subclass of its own class (``RingCP<Class>``, made once per class): the behaviour lives
+in :class:`~hf_ringcp.integrations.trainer_mixin.RingCPTrainerMixin` and the family modules, as class-level
+overrides calling ``super()``. No class of transformers or TRL is modified; another Trainer in the same process is
+untouched. The Accelerator gets the ``("dp_replicate", "cp")`` mesh before any dataloader exists (``plugin.py``),
+so Accelerate gives a CP group the same batches.
 
-- ``accelerator.state.device_mesh`` gets the ``("dp_replicate", "cp")`` mesh before any dataloader exists, so
-  Accelerate gives a CP group the same batches and splits data over ``dp`` groups (see ``plugin.py``);
-- ``_prepare_context_parallel_inputs(model, inputs)``, which ``training_step`` (and ``Trainer.prediction_step``)
-  call for context parallelism, shards the batch (:func:`hf_ringcp.shard_batch`) and returns
-  :func:`hf_ringcp.context_parallel` as the step's context;
-- ``get_batch_samples`` counts the step's loss targets by the loss's own rules (no targets across documents or
-  from padding), so ``num_items_in_batch`` makes the loss the exact global token mean;
-- the loss: the plain Trainer's ``compute_loss`` ("subclass and override") becomes the chunked
-  :func:`hf_ringcp.causal_lm_loss` (no full-vocabulary logits); a Trainer whose ``compute_loss`` scores the
-  pre-shifted ``shift_labels`` of the shard keeps its own — TRL's ``SFTTrainer``, whose fused LM head does, or any
-  subclass you vouch for with ``custom_compute_loss=True``;
-- ``prediction_step`` tells the loss whether logits are wanted (``compute_metrics``, ``predict``), which come back
-  unsharded in the batch's token order; for trainers whose ``prediction_step`` skips the seam (``SFTTrainer``) it
-  shards the batch itself and makes the per-shard eval loss the group's token mean; ``evaluation_loop`` sets the
-  loop's ``gather_function`` (reset by the Trainer after every loop) to keep one copy of each CP group's outputs,
-  and ``accelerator.gather_for_metrics`` gathers per-rank scalars (TRL's metric sums over the shards) whole;
-- ``log`` is wrapped to add tokens/s (global and per device), peak memory and the CP layout.
+The callback carries the settings and the per-run state the mixin reads (``trainer.ring_cp``): the plugin, the
+shard of the current batch (sharded once, shared by counting and the step), the throughput meter. Its events fix
+what the Trainer counts per rank: ``include_num_input_tokens_seen`` counts each token once, not once per CP rank;
+NEFTune's noise amplitude uses the sequence's length, not the shard's (the mixin rescales it at the hand-over); and
+a model left unwrapped by an ``evaluate()`` before ``train()`` is refused. ``label_smoothing_factor`` is applied
+exactly by the chunked loss and refused for a ``compute_loss`` the integration does not own.
 
 Versions: tested with the transformers and trl releases of :func:`hf_ringcp.constraints.tested_range` (the lock and
-the declared floors); :func:`check_trainer_api` refuses Trainers whose hooks differ and warns outside that range.
+the declared floors, read by :mod:`hf_ringcp.integrations.compat`); older TRL is refused, transformers outside the
+tested range warned about.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import warnings
-from collections.abc import Callable
 from typing import Any
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-import transformers
-from packaging.version import Version
 from transformers import Trainer, TrainerCallback
 
-from hf_ringcp.constraints import tested_range
-from hf_ringcp.integrations.batch import IGNORE_INDEX, SHARD_KEY, local_targets, unshard_predictions
+from hf_ringcp.integrations import compat
+from hf_ringcp.integrations.compat import MIN_TRL, TESTED_TRANSFORMERS
 from hf_ringcp.integrations.metrics import ThroughputMeter
 from hf_ringcp.integrations.plugin import ContextParallelPlugin
-
-#: The transformers releases the callback is tested with, ``(oldest, newest)``: the floor set and the lock.
-TESTED_TRANSFORMERS = tested_range("transformers")
-#: The oldest TRL whose SFTTrainer scores pre-shifted ``shift_labels`` (its fused LM head), tested as the floor.
-MIN_TRL = tested_range("trl")[0]
+from hf_ringcp.integrations.trainer_mixin import (
+    WholeScalarsAccelerator,
+    family_mixin,
+    label_smoothing_of,
+    ring_cp_class,
+    wrapped_for_training_by_train,
+)
 
 _AT_CONSTRUCTION = (
     "RingCPCallback must be passed to the Trainer at construction: Trainer(..., callbacks=[RingCPCallback(...)]); "
@@ -58,67 +46,32 @@ _AT_CONSTRUCTION = (
 )
 
 
-def _find_trainer(callback: TrainerCallback) -> Trainer:
-    frame = inspect.currentframe()
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        handler = getattr(candidate, "callback_handler", None)
-        if isinstance(candidate, Trainer) and callback in getattr(handler, "callbacks", ()):
-            return candidate
-        frame = frame.f_back
-    raise RuntimeError(_AT_CONSTRUCTION)
-
-
-def _is_sft_trainer(trainer: Trainer) -> bool:
-    return any(c.__name__ == "SFTTrainer" and c.__module__.startswith("trl") for c in type(trainer).__mro__)
-
-
-def check_trainer_api(trainer: Trainer, custom_compute_loss: bool = False) -> None:
-    """Refuse Trainers whose hooks the callback cannot use; warn for versions outside the tested range."""
-    params = list(inspect.signature(type(trainer).compute_loss).parameters)
-    if params[:5] != ["self", "model", "inputs", "return_outputs", "num_items_in_batch"]:
-        raise RuntimeError(
-            f"RingCPCallback supports Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch) "
-            f"(transformers {'-'.join(TESTED_TRANSFORMERS)}), but this Trainer has {params}. Use "
-            "ContextParallelPlugin in a custom loop."
+def check_trainer_api(trainer: Trainer, custom_compute_loss: bool = False) -> type:
+    """Refuse trainers the integration cannot serve (naming the supported ones) and a TRL older than tested; warn
+    for a transformers outside the tested range. Returns the family's mixin."""
+    mixin = family_mixin(type(trainer), custom_compute_loss)
+    smoothing = label_smoothing_of(trainer)
+    if smoothing and not ring_cp_class(type(trainer), mixin)._ringcp_chunked_loss():
+        raise ValueError(
+            f"label_smoothing_factor={smoothing} with {type(trainer).__name__}'s own compute_loss: under context "
+            "parallelism its model call sees one rank's shard, with pre-shifted `shift_labels` and no full `labels`, "
+            "so the Trainer's LabelSmoother cannot apply and the loss would silently be unsmoothed. Set "
+            "label_smoothing_factor=0, or use the plain transformers.Trainer, whose loss RingCPCallback smooths "
+            "exactly."
         )
-    for seam in ("_prepare_context_parallel_inputs", "get_batch_samples", "evaluation_loop", "prediction_step"):
-        if not callable(getattr(trainer, seam, None)):
-            raise RuntimeError(
-                f"This Trainer has no `{seam}`, which RingCPCallback uses (transformers "
-                f"{'-'.join(TESTED_TRANSFORMERS)} have it). Install a tested transformers release."
-            )
-    sft = _is_sft_trainer(trainer)
-    if type(trainer).compute_loss is not Trainer.compute_loss and not (sft or custom_compute_loss):
-        raise RuntimeError(
-            f"{type(trainer).__name__} overrides compute_loss. Under context parallelism its model call sees one "
-            "rank's shard, with the targets pre-shifted in `shift_labels` and no full `labels`. If its loss is "
-            "computed from `shift_labels` (as transformers' causal-LM losses and TRL's fused LM head do) and "
-            "normalised by `num_items_in_batch`, pass RingCPCallback(..., custom_compute_loss=True); otherwise use "
-            "the plain Trainer, or ContextParallelPlugin (plugin.shard / plugin.loss) inside your compute_loss."
-        )
-    if sft:
-        import trl
-
-        if Version(trl.__version__) < Version(MIN_TRL):
-            raise RuntimeError(
-                f"RingCPCallback needs trl >= {MIN_TRL} for SFTTrainer (its fused LM head scores the pre-shifted "
-                f"labels of a shard); {trl.__version__} is installed: pip install 'trl>={MIN_TRL}'."
-            )
     pc = getattr(trainer.accelerator, "parallelism_config", None)
     if pc is not None and getattr(pc, "cp_size", 1) > 1:
         raise ValueError(
             f"TrainingArguments/Accelerate parallelism_config sets cp_size={pc.cp_size} as well as RingCPCallback. "
             "Use one: remove cp_size from parallelism_config."
         )
-    low, high = (Version(v).release[:2] for v in TESTED_TRANSFORMERS)
-    installed = Version(transformers.__version__)
-    if not low <= installed.release[:2] <= high:
-        warnings.warn(
-            f"RingCPCallback is tested with transformers {TESTED_TRANSFORMERS[0]}-{TESTED_TRANSFORMERS[1]}; "
-            f"{transformers.__version__} is installed. Check the first steps against a run without CP.",
-            stacklevel=3,
+    if not callable(getattr(trainer, compat.TRAINER_CP_SEAM, None)):
+        raise RuntimeError(
+            f"This Trainer has no `{compat.TRAINER_CP_SEAM}`, which RingCPCallback uses (transformers "
+            f"{'-'.join(TESTED_TRANSFORMERS)} have it). Install a tested transformers release."
         )
+    compat.check_transformers(stacklevel=4)
+    return mixin
 
 
 class RingCPCallback(TrainerCallback):
@@ -150,45 +103,40 @@ class RingCPCallback(TrainerCallback):
         self.peak_flops_per_device = peak_flops_per_device
         self.custom_compute_loss = custom_compute_loss
         self._stack = contextlib.ExitStack()
-        self._want_logits = False
+        self.want_logits = False
         self._shards: dict[int, tuple[Any, dict[str, Any]]] = {}
+        self.meter = ThroughputMeter()
+        self._tokens_counted = 0
+        self.neftune: list[Any] = []
         self.trainer: Trainer | None = None
 
     # ------------------------------------------------------------------------------------------- events
 
     def on_init_end(self, args, state, control, **kwargs):
-        trainer = _find_trainer(self)
-        check_trainer_api(trainer, self.custom_compute_loss)
+        trainer = compat.find_trainer(
+            lambda obj: isinstance(obj, Trainer) and self in getattr(getattr(obj, "callback_handler", None),
+                                                                    "callbacks", ()))
+        if trainer is None:
+            raise RuntimeError(_AT_CONSTRUCTION)
+        mixin = check_trainer_api(trainer, self.custom_compute_loss)
         self.plugin.prepare_model(trainer.model)
         self.plugin.attach(trainer.accelerator)
         pad = getattr(getattr(trainer, "processing_class", None), "pad_token_id", None)
         if pad is not None and self.plugin.pad_token_id == 0:
             self.plugin.pad_token_id = pad
         self.trainer = trainer
-        self._meter = ThroughputMeter(trainer.args.device)
-        if type(trainer).compute_loss is Trainer.compute_loss:
-            # Our loss is already normalised over the whole accumulated step (num_items_in_batch).
-            trainer.loss_is_scaled_for_ga = True
-            trainer.model_accepts_loss_kwargs = True
-            trainer.compute_loss = self._compute_loss
-        trainer._prepare_context_parallel_inputs = self._prepare_context_parallel_inputs
-        trainer.get_batch_samples = self._batch_samples(trainer.get_batch_samples)
-        trainer.prediction_step = self._prediction_step(
-            trainer.prediction_step, shards_itself=type(trainer).prediction_step is Trainer.prediction_step)
-        trainer.evaluation_loop = self._evaluation_loop(trainer.evaluation_loop)
-        trainer.accelerator.gather_for_metrics = self._scalars_whole(trainer.accelerator)
-        original_log = trainer.log
-
-        def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-            if "loss" in logs:  # a training log: all ranks reach it together
-                logs = {**logs, **self._throughput_logs()}
-            return original_log(logs, *args, **kwargs)
-
-        trainer.log = log
+        self.meter = ThroughputMeter(trainer.args.device)
+        # The one change to the instance: its class becomes the family's subclass of its own class.
+        if not isinstance(trainer, mixin):
+            trainer.__class__ = ring_cp_class(type(trainer), mixin)
+        accelerator = trainer.accelerator
+        if not isinstance(accelerator, WholeScalarsAccelerator):
+            accelerator.__class__ = ring_cp_class(type(accelerator), WholeScalarsAccelerator)
+        trainer._ringcp_setup()
         return control
 
-    def _throughput_logs(self) -> dict[str, Any]:
-        logs: dict[str, Any] = {**self._meter.read(), "cp_size": self.plugin.cp_size, "cp_layout": self.plugin.layout}
+    def throughput_logs(self) -> dict[str, Any]:
+        logs: dict[str, Any] = {**self.meter.read(), "cp_size": self.plugin.cp_size, "cp_layout": self.plugin.layout}
         if self.model_flops_per_token and self.peak_flops_per_device:
             achieved = logs["tokens_per_second_per_device"] * self.model_flops_per_token
             logs["mfu"] = achieved / self.peak_flops_per_device
@@ -197,164 +145,66 @@ class RingCPCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if self.trainer is None:
             raise RuntimeError(_AT_CONSTRUCTION)
+        trainer = self.trainer
+        if wrapped_for_training_by_train(trainer) and trainer.model_wrapped is trainer.model:
+            raise RuntimeError(
+                "The Trainer is training a model that Accelerate did not wrap for data parallelism (DDP), so each rank "
+                "would step on the gradient of its own shard. Was the model prepared before train() (e.g. "
+                "accelerator.prepare_model(model, evaluation_mode=True))? Pass the Trainer an unprepared model."
+            )
         # Gradient checkpointing recomputes attention during backward, outside the step's context: keep CP on.
         self._stack.enter_context(self.plugin.context())
-        self._meter = ThroughputMeter(args.device)
+        self.meter = ThroughputMeter(args.device)
+        self._tokens_counted = state.num_input_tokens_seen
+        # NEFTune's hook (installed by train() before this event) scales its noise by 1/sqrt(L*d) of the tensor it
+        # sees, the shard: the mixin's hand-over rescales the alpha it reads so that L is the sequence's length.
+        alpha = getattr(trainer, "neftune_noise_alpha", None)
+        self.neftune = [] if alpha is None else [
+            m for m in trainer.model.modules() if getattr(m, "neftune_noise_alpha", None) is not None]
+        if alpha is not None and not self.neftune:
+            raise RuntimeError(
+                "neftune_noise_alpha is set but no module carries the NEFTune hook's `neftune_noise_alpha`, so "
+                "RingCPCallback cannot make its noise amplitude use the sequence length (not the shard's). Unset "
+                "neftune_noise_alpha, or install a tested transformers release."
+            )
         return control
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._count_tokens_once(state)
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._count_tokens_once(state)
+        return control
+
+    def _count_tokens_once(self, state) -> None:
+        """``include_num_input_tokens_seen``: the Trainer sums the batch's tokens over all ranks, and every rank of a
+        CP group holds the same full batch, so what it added since the last event is ``cp_size`` times the tokens."""
+        added = state.num_input_tokens_seen - self._tokens_counted
+        state.num_input_tokens_seen = self._tokens_counted + added // self.plugin.cp_size
+        self._tokens_counted = state.num_input_tokens_seen
 
     def on_train_end(self, args, state, control, **kwargs):
         self._stack.close()
         return control
 
-    # --------------------------------------------------------------------------------------- the seams
+    # ------------------------------------------------------------------------------------------ state
 
-    def _shard(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """:meth:`ContextParallelPlugin.shard`, once per batch object (counting and the step share it)."""
+    def shard(self, inputs: dict[str, Any], keep: bool = False) -> dict[str, Any]:
+        """:meth:`ContextParallelPlugin.shard`, once per batch object (counting and the step share it).
+
+        ``keep``: add to the cache (the micro-batches of a step, sharded together for counting) instead of
+        replacing it.
+        """
         found = self._shards.get(id(inputs))
         if found is not None and found[0] is inputs:
             return found[1]
         sharded = self.plugin.shard(inputs)
-        self._shards = {id(inputs): (inputs, sharded)}
-        return sharded
-
-    def _prepare_context_parallel_inputs(self, model: torch.nn.Module, inputs: dict[str, Any]):
-        sharded = self._shard(inputs)
-        if model.training:
-            info = sharded.get(SHARD_KEY)
-            self._meter.add(int(sharded["input_ids"].numel()) - (0 if info is None else info.local_padding()))
-        return self.plugin.context, dict(sharded)
-
-    def _batch_samples(self, original: Callable):
-        def get_batch_samples(*args: Any, **kwargs: Any):
-            samples, _ = original(*args, **kwargs)
-            if not samples:
-                return samples, None
-            # N by the loss's own rules, counted once per CP group (every CP rank holds the full batch).
-            return samples, self.plugin.count_items([self._shard_for_count(batch) for batch in samples])
-
-        return get_batch_samples
-
-    def _shard_for_count(self, batch: dict[str, Any]) -> dict[str, Any]:
-        sharded = self.plugin.shard(batch)
-        self._shards[id(batch)] = (batch, sharded)
-        return sharded
-
-    def _prediction_step(self, original: Callable, shards_itself: bool):
-        """``shards_itself``: the Trainer's own ``prediction_step`` shards through the seam (the plain Trainer)."""
-
-        def prediction_step(model, inputs, prediction_loss_only, ignore_keys=None):
-            self._want_logits = not prediction_loss_only
-            try:
-                if shards_itself:
-                    return original(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-                sharded = self._shard(inputs)
-                with self.plugin.context():
-                    loss, logits, _ = original(model, dict(sharded), prediction_loss_only, ignore_keys=ignore_keys)
-                return self._exact_eval(loss, logits, sharded, inputs)
-            finally:
-                self._want_logits = False
-
-        return prediction_step
-
-    def _exact_eval(self, loss, logits, sharded: dict[str, Any], inputs: dict[str, Any]):
-        """A per-shard mean loss -> the CP group's token mean; sharded logits -> unsharded; the full labels."""
-        plugin = self.plugin
-        if loss is not None and plugin.cp_size > 1:
-            n = float(local_targets(sharded))
-            stats = torch.tensor([loss.item() * n, n], dtype=torch.float64, device=plugin.comm_device)
-            dist.all_reduce(stats, group=plugin.cp_group)
-            loss = torch.tensor(stats[0].item() / max(stats[1].item(), 1.0), device=loss.device)
-        if logits is not None:
-            logits = unshard_predictions(logits, sharded.get(SHARD_KEY), plugin.cp_group, plugin.layout)
-        return loss, logits, inputs.get("labels")
-
-    @staticmethod
-    def _scalars_whole(accelerator: Any) -> Callable:
-        """``gather_for_metrics`` that gathers per-rank scalars whole (e.g. TRL's token counts and sums).
-
-        At the end of a dataloader Accelerate truncates what it gathers to the number of samples left; a vector of
-        per-rank scalars (one per CP shard) is not samples, and truncating it would drop shards' contributions.
-        """
-        original = accelerator.gather_for_metrics
-
-        def gather_for_metrics(input_data, use_gather_object=False):
-            if torch.is_tensor(input_data) and input_data.dim() == 0:
-                return accelerator.gather(input_data)
-            return original(input_data, use_gather_object=use_gather_object)
-
-        return gather_for_metrics
-
-    def _evaluation_loop(self, original: Callable):
-        def evaluation_loop(*args: Any, **kwargs: Any):
-            self.trainer.gather_function = self._gather
-            return original(*args, **kwargs)
-
-        return evaluation_loop
-
-    def _gather(self, tensors: Any) -> Any:
-        """``accelerator.gather_for_metrics`` keeping one copy per CP group (all its ranks hold the same data)."""
-        trainer, cp = self.trainer, self.plugin.cp_size
-        gathered = trainer.accelerator.gather(tensors)
-
-        def first_of_each_group(x):
-            if not torch.is_tensor(x) or cp == 1 or x.dim() == 0:
-                return x
-            blocks = x.reshape(dist.get_world_size(), -1, *x.shape[1:])[::cp]
-            return blocks.reshape(-1, *x.shape[1:])
-
-        data = _apply(first_of_each_group, gathered)
-        state = trainer.accelerator.gradient_state
-        if state.end_of_dataloader and state.remainder > 0:
-            data = _apply(lambda x: x[: state.remainder] if torch.is_tensor(x) and x.dim() else x, data)
-        return data
-
-    # ---------------------------------------------------------------------------- the plain Trainer's loss
-
-    def _compute_loss(
-        self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ):
-        """``inputs`` is the shard (the seam made it); the step's context is in force."""
-        plugin = self.plugin
-        # `use_liger_kernel=True` asks the model to skip its logits for the fused linear cross-entropy; the chunked
-        # loss never makes full logits anyway.
-        inputs = {k: v for k, v in inputs.items() if k != "skip_logits"}
-        if model.training:
-            if num_items_in_batch is None:  # a Trainer path that counted nothing: count this micro-batch
-                num_items_in_batch = plugin.count_items([inputs]) * self.trainer.current_gradient_accumulation_steps
-            loss = plugin.loss(model, inputs, num_items_in_batch=num_items_in_batch)
-            outputs = {"loss": loss}
-        elif return_outputs and self._want_logits:
-            loss, outputs = self._eval_with_logits(model, inputs)
+        if keep:
+            self._shards[id(inputs)] = (inputs, sharded)
         else:
-            # Eval: the loss of this data-parallel group's batch, equal on its CP ranks (no gradient).
-            loss = plugin.eval_loss(model, inputs)
-            outputs = {"loss": loss}
-        return (loss, outputs) if return_outputs else loss
-
-    def _eval_with_logits(self, model, batch: dict[str, Any]):
-        """One forward: the group's token-mean loss and the logits ``[B, S, V]`` in the batch's order."""
-        plugin = self.plugin
-        labels = batch["shift_labels"]
-        logits = model(**{k: v for k, v in batch.items() if k != "shift_labels"}, use_cache=False).logits
-        flat = logits.float().reshape(-1, logits.shape[-1])
-        stats = torch.stack([
-            F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"),
-            (labels != IGNORE_INDEX).sum().to(flat.dtype),
-        ]).double()
-        if plugin.cp_size > 1:
-            dist.all_reduce(stats, group=plugin.cp_group)
-        loss = (stats[0] / stats[1].clamp(min=1)).float()
-        full = unshard_predictions(logits, batch.get(SHARD_KEY), plugin.cp_group, plugin.layout)
-        return loss, {"loss": loss, "logits": full}
-
-
-def _apply(fn, data):
-    if isinstance(data, (list, tuple)):
-        return type(data)(_apply(fn, x) for x in data)
-    if isinstance(data, dict):
-        return type(data)({k: _apply(fn, v) for k, v in data.items()})
-    return fn(data)
+            self._shards = {id(inputs): (inputs, sharded)}
+        return sharded
 
 
 __all__ = ["MIN_TRL", "TESTED_TRANSFORMERS", "RingCPCallback", "check_trainer_api"]
