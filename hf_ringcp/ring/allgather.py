@@ -33,6 +33,10 @@ from hf_ringcp.ring.comm import GatherComm
 from hf_ringcp.ring.plan import BlockCall
 from hf_ringcp.ring.variant import RankSetup, Variant
 
+#: Take :class:`hf_ringcp.ring.allgather_prefix.AllGatherPrefix` (one bottom-right causal call per query segment, no
+#: merges) where it applies and the kernel aligns bottom-right natively.
+PREFIX = True
+
 
 class _RankMajorKVGrads:
     """Float32 dK/dV of every token, filed straight into the rank-major ``[P, 2, B, H, S_local, D]`` layout that the
@@ -157,5 +161,11 @@ class AllGatherRing(Variant):
         return dq.result().to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
 
 
-def build(setup: RankSetup, group: dist.ProcessGroup | None) -> AllGatherRing:
-    return AllGatherRing(setup, lambda: GatherComm(group))
+def build(setup: RankSetup, group: dist.ProcessGroup | None) -> Variant:
+    from hf_ringcp.ring import allgather_prefix  # it builds on this module
+
+    comm = lambda: GatherComm(group)
+    device = "cuda" if setup.kernels.plain.name in ("cudnn", "flash") else "cpu"
+    if PREFIX and allgather_prefix.preferred(setup, device):
+        return allgather_prefix.AllGatherPrefix(setup, comm)
+    return AllGatherRing(setup, comm)

@@ -1,0 +1,65 @@
+"""The LSE merge as one Triton kernel (CUDA): read the float32 accumulator and the block once, write once.
+
+Imported lazily by :mod:`hf_ringcp.ring.merge` (importing it imports Triton). Same function as
+:func:`hf_ringcp.ring.merge.merge_into_torch`, which stays the reference (``tests/gpu/test_triton_merge.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _merge_kernel(
+    out_ptr, lse_ptr, blk_ptr, blse_ptr,
+    H, S, D,
+    so_b, so_h, so_s, so_d,
+    sl_b, sl_h, sl_s,
+    sb_b, sb_h, sb_s, sb_d,
+    sbl_b, sbl_h, sbl_s,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < S
+    a = tl.load(lse_ptr + b * sl_b + h * sl_h + rows * sl_s, mask=row_ok, other=0.0)
+    c = tl.load(blse_ptr + b * sbl_b + h * sbl_h + rows * sbl_s, mask=row_ok, other=0.0).to(tl.float32)
+    # weight = sigmoid(c - a); both -inf (no key on either side) gives NaN there, which counts as 0.
+    w = 1.0 / (1.0 + tl.exp(a - c))
+    w = tl.where(w == w, w, 0.0)
+    m = tl.maximum(a, c)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    new_lse = m_safe + tl.log(tl.exp(a - m_safe) + tl.exp(c - m_safe))
+    new_lse = tl.where(m == float("-inf"), m, new_lse)
+    tl.store(lse_ptr + b * sl_b + h * sl_h + rows * sl_s, new_lse, mask=row_ok)
+    ok = row_ok[:, None] & (cols[None, :] < D)
+    o_ptrs = out_ptr + b * so_b + h * so_h + rows[:, None] * so_s + cols[None, :] * so_d
+    k_ptrs = blk_ptr + b * sb_b + h * sb_h + rows[:, None] * sb_s + cols[None, :] * sb_d
+    o = tl.load(o_ptrs, mask=ok, other=0.0)
+    x = tl.load(k_ptrs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(o_ptrs, o + w[:, None] * (x - o), mask=ok)
+
+
+def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """``out`` ``[B, H, S, D]`` float32 and ``lse`` ``[B, H, S]`` float32 (any strides) <- merged with the block
+    ``block_out`` ``[B, H, S, D]`` (any float dtype) and ``block_lse`` ``[B, H, S]``, in place."""
+    bsz, heads, seq, dim = out.shape
+    if block_out.shape != out.shape or lse.shape != out.shape[:3] or block_lse.shape != lse.shape:
+        raise AssertionError(f"merge shapes differ: {tuple(out.shape)}, {tuple(lse.shape)}, "
+                             f"{tuple(block_out.shape)}, {tuple(block_lse.shape)}")
+    if seq == 0:
+        return
+    block_d = triton.next_power_of_2(dim)
+    block_m = max(1, min(64, 8192 // block_d))
+    grid = (triton.cdiv(seq, block_m), bsz * heads)
+    _merge_kernel[grid](
+        out, lse, block_out, block_lse, heads, seq, dim,
+        *out.stride(), *lse.stride(), *block_out.stride(), *block_lse.stride(),
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+    )
