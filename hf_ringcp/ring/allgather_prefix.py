@@ -29,7 +29,14 @@ import torch
 from hf_ringcp.ring.allgather import _RankMajorKVGrads
 from hf_ringcp.ring.blocks import like
 from hf_ringcp.ring.comm import GatherComm
-from hf_ringcp.ring.kernels import aligns_bottom_right, block_backward, block_forward, bottom_right_mask
+from hf_ringcp.ring.kernels import (
+    Backend,
+    aligns_bottom_right,
+    block_backward,
+    block_forward,
+    bottom_right_mask,
+    select_backend,
+)
 from hf_ringcp.ring.plan import Segment
 from hf_ringcp.ring.variant import RankSetup, Variant
 
@@ -94,11 +101,14 @@ class AllGatherPrefix(Variant):
         work.wait()
         return gathered, comm
 
-    def _mask(self, s: Segment, q: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
-        """``(causal, bias)`` for the call of segment ``s``: native alignment, or the explicit mask."""
-        if aligns_bottom_right(self.setup.kernels.plain, q.device):
-            return True, None
-        return False, bottom_right_mask(s.length, s.stop, q.dtype, q.device)
+    def _kernel(self, s: Segment, q: torch.Tensor, k: torch.Tensor) -> tuple[Backend, bool, torch.Tensor | None]:
+        """``(backend, causal, bias)`` for the call of segment ``s``: the plain kernel's native alignment, or an
+        explicit mask through a kernel that takes one."""
+        plain = self.setup.kernels.plain
+        if aligns_bottom_right(plain, q.device):
+            return plain, True, None
+        backend = plain if plain.masks else select_backend("auto", q, k, masked=True)
+        return backend, False, bottom_right_mask(s.length, s.stop, q.dtype, q.device)
 
     def attend(self, q, k, v):
         s = self.setup
@@ -108,8 +118,8 @@ class AllGatherPrefix(Variant):
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         for seg in self.segments:
             rows = slice(seg.row, seg.stop_row)
-            causal, bias = self._mask(seg, q)
-            o, block_lse = block_forward(s.kernels.plain, q[:, :, rows], full[0][:, :, : seg.stop],
+            backend, causal, bias = self._kernel(seg, q, k)
+            o, block_lse = block_forward(backend, q[:, :, rows], full[0][:, :, : seg.stop],
                                          full[1][:, :, : seg.stop], causal, s.scale, bias)
             out[:, :, rows] = o
             lse[:, :, rows] = block_lse
@@ -125,8 +135,8 @@ class AllGatherPrefix(Variant):
         dkv = _RankMajorKVGrads(kv, s.world, self.moves)
         for seg in self.segments:
             rows = slice(seg.row, seg.stop_row)
-            causal, bias = self._mask(seg, q)
-            bdq, bdk, bdv = block_backward(s.kernels.plain, dout[:, :, rows], q[:, :, rows],
+            backend, causal, bias = self._kernel(seg, q, k)
+            bdq, bdk, bdv = block_backward(backend, dout[:, :, rows], q[:, :, rows],
                                            full[0][:, :, : seg.stop], full[1][:, :, : seg.stop], out[:, :, rows],
                                            lse[:, :, rows], causal, s.scale, bias)
             dq[:, :, rows] = bdq
