@@ -62,6 +62,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import attention_flops, cuda_time_ms, env_info, markdown_table, write_results
 from benchmarks.packing import DISTRIBUTIONS, REFERENCE_LEN, document_lengths, pack
+from hf_ringcp.ring import merge
 from hf_ringcp.ring.allgather import AllGatherRing
 from hf_ringcp.ring.allgather_prefix import AllGatherPrefix
 from hf_ringcp.ring.blocks import Kernels
@@ -463,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["p2p", "allgather", "allgather_prefix"],
                         help="allgather: the planned all-gather (AllGatherRing); allgather_prefix: one bottom-right "
                              "causal call per query segment (AllGatherPrefix)")
+    parser.add_argument("--merge", choices=["fused", "lerp", "torch"], default="fused",
+                        help="the LSE merge on CUDA: the Triton kernel (fused), Triton for the output only (lerp), or "
+                             "the torch ops")
     parser.add_argument("--ulysses", type=int, nargs="+", default=[1],
                         help="Ulysses sizes u (1: the plain ring; P: pure Ulysses; between: the hybrid)")
     parser.add_argument("--heads", type=int, nargs=2, default=None, metavar=("HQ", "HKV"),
@@ -486,6 +490,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="ring_sim", help="result file stem")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
+    merge.FUSED = args.merge != "torch"
+    if merge.FUSED and merge.fused_merge_available(torch.device("cuda")):
+        from hf_ringcp.ring import triton_merge
+
+        triton_merge.VARIANT = args.merge
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a dry run of the script's logic
     cuda = device == "cuda"
     args.heads = args.heads or ([32, 8] if cuda else [4, 2])
@@ -498,8 +507,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
 
     info = env_info()
-    info.update(label=args.label, native_gqa=args.native_gqa, heads=args.heads, head_dim=args.head_dim,
-                batch=args.batch, package=os.path.relpath(Path(sys.modules["hf_ringcp"].__file__).parent))
+    info.update(label=args.label, merge=args.merge, native_gqa=args.native_gqa, heads=args.heads,
+                head_dim=args.head_dim, batch=args.batch,
+                package=os.path.relpath(Path(sys.modules["hf_ringcp"].__file__).parent))
     if args.packed:
         info.update(packed_seqlen=args.packed_seqlen, packed_seed=args.seed)
     print(json.dumps(info), flush=True)

@@ -20,6 +20,10 @@ def merge_into_torch(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tens
     torch.logaddexp(lse, block_lse, out=lse)
 
 
+#: Run the Triton merge on CUDA where it imports (False: the torch ops everywhere; benchmarks compare the two).
+FUSED = True
+
+
 @functools.cache
 def _fused():
     """The Triton merge, or ``None`` where Triton does not import (no GPU build, no compiler)."""
@@ -32,7 +36,7 @@ def _fused():
 
 def fused_merge_available(device: torch.device) -> bool:
     """Whether :func:`merge_into` runs the fused Triton kernel for tensors on ``device``."""
-    return device.type == "cuda" and _fused() is not None
+    return FUSED and device.type == "cuda" and _fused() is not None
 
 
 def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
@@ -50,7 +54,7 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, bl
     calculation for softmax"; the same form as ring-flash-attention's ``_update_out_and_lse``).
     Rows whose keys were all masked (``lse = -inf`` on both sides) stay unchanged instead of becoming NaN.
     """
-    if out.is_cuda and out.dim() == 4 and out.dtype == torch.float32 and _fused() is not None:
+    if FUSED and out.is_cuda and out.dim() == 4 and out.dtype == torch.float32 and _fused() is not None:
         _fused().merge_into(out, lse, block_out, block_lse)
     else:
         merge_into_torch(out, lse, block_out, block_lse)

@@ -46,6 +46,36 @@ def _merge_kernel(
     tl.store(o_ptrs, o + w[:, None] * (x - o), mask=ok)
 
 
+@triton.jit
+def _lerp_kernel(
+    out_ptr, w_ptr, blk_ptr,
+    H, S, D,
+    so_b, so_h, so_s, so_d,
+    sb_b, sb_h, sb_s, sb_d,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``out += w * (blk - out)`` per row, ``w`` ``[B, H, S]`` contiguous float32."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < S
+    w = tl.load(w_ptr + pid_bh * S + rows, mask=row_ok, other=0.0)
+    ok = row_ok[:, None] & (cols[None, :] < D)
+    o_ptrs = out_ptr + b * so_b + h * so_h + rows[:, None] * so_s + cols[None, :] * so_d
+    k_ptrs = blk_ptr + b * sb_b + h * sb_h + rows[:, None] * sb_s + cols[None, :] * sb_d
+    o = tl.load(o_ptrs, mask=ok, other=0.0)
+    x = tl.load(k_ptrs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(o_ptrs, o + w[:, None] * (x - o), mask=ok)
+
+
+#: "fused": weights, LSE and output in one kernel; "lerp": the row weights and LSE by torch ops (``[B, H, S]``,
+#: 1/D of the bytes), the output update in one kernel.
+VARIANT = "fused"
+
+
 def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
     """``out`` ``[B, H, S, D]`` float32 and ``lse`` ``[B, H, S]`` float32 (any strides) <- merged with the block
     ``block_out`` ``[B, H, S, D]`` (any float dtype) and ``block_lse`` ``[B, H, S]``, in place."""
@@ -58,6 +88,12 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, bl
     block_d = triton.next_power_of_2(dim)
     block_m = max(1, min(64, 8192 // block_d))
     grid = (triton.cdiv(seq, block_m), bsz * heads)
+    if VARIANT == "lerp":
+        weight = torch.sigmoid(block_lse - lse).nan_to_num_(0.0).contiguous()
+        torch.logaddexp(lse, block_lse, out=lse)
+        _lerp_kernel[grid](out, weight, block_out, heads, seq, dim, *out.stride(), *block_out.stride(),
+                           BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+        return
     _merge_kernel[grid](
         out, lse, block_out, block_lse, heads, seq, dim,
         *out.stride(), *lse.stride(), *block_out.stride(), *block_lse.stride(),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_ringcp.ring import triton_merge
 from hf_ringcp.ring.allgather import AllGatherRing
 from hf_ringcp.ring.allgather_prefix import AllGatherPrefix
 from hf_ringcp.ring.blocks import Kernels
@@ -38,10 +39,12 @@ def _strided(b: int, h: int, s: int, d: int, dtype, g) -> torch.Tensor:
     return torch.randn(b, s, h, d, generator=g, device="cuda", dtype=dtype).transpose(1, 2)
 
 
+@pytest.mark.parametrize("variant", ["fused", "lerp"])
 @pytest.mark.parametrize("block_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 32, 4096, 128), (2, 3, 77, 64), (1, 4, 5, 80)])
-def test_triton_merge_matches_torch_and_float64(block_dtype, shape) -> None:
+def test_triton_merge_matches_torch_and_float64(variant: str, block_dtype, shape, monkeypatch) -> None:
     assert fused_merge_available(torch.device("cuda"))
+    monkeypatch.setattr(triton_merge, "VARIANT", variant)
     g = torch.Generator(device="cuda").manual_seed(sum(shape))
     b, h, s, d = shape
     out = _strided(b, h, s, d, torch.float32, g)
@@ -57,7 +60,8 @@ def test_triton_merge_matches_torch_and_float64(block_dtype, shape) -> None:
     merge_into_torch(t_out, t_lse, blk, blse)
     merge_into(out, lse, blk, blse)
     assert not out.isnan().any() and torch.equal(lse.isinf(), ref_lse.isinf())
-    assert rel_error(out, ref_out) < 1e-6 and rel_error(out, t_out) < 1e-6
+    bad = ((out.double() - ref_out).abs() > 1e-5 * ref_out.abs().max()).nonzero()
+    assert rel_error(out, ref_out) < 1e-6 and rel_error(out, t_out) < 1e-6, f"{bad.shape[0]} wrong: {bad[:6].tolist()}"
     finite = ref_lse.isfinite()
     assert rel_error(lse[finite], ref_lse[finite]) < 1e-6 and torch.equal(lse[~finite], t_lse[~finite])
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_ringcp.ring.decode import decode_attention, decode_backend, local_partial, local_partial_fused
+from hf_ringcp.ring.decode import (
+    decode_attention,
+    decode_backend,
+    local_partial,
+    local_partial_fused,
+    merge_partials,
+)
 from tests.distributed import run_ranks
 from tests.ring.reference import rel_error
 
@@ -53,3 +59,19 @@ def _ranks(rank: int, world: int) -> dict:
 def test_decode_attention_over_gloo_ranks() -> None:
     for errors in run_ranks(_ranks, 2):
         assert errors["fused"] < 1e-5 and errors["ref"] < 1e-5, errors
+
+
+def test_merge_partials_equals_the_pairwise_merge() -> None:
+    from hf_ringcp.ring.merge import merge_into_torch
+
+    g = torch.Generator().manual_seed(2)
+    parts = torch.randn(4, 2, 3, 1, 9, generator=g)
+    parts[1, 0, 0, 0, -1] = float("-inf")  # a rank with no key for this row
+    parts[:, 1, 2, 0, -1] = float("-inf")  # a row no rank has a key for
+    out, lse = parts[0, ..., :-1].clone(), parts[0, ..., -1].clone()
+    for p in parts[1:]:
+        merge_into_torch(out, lse, p[..., :-1], p[..., -1])
+    merged = merge_partials(parts)
+    seen = lse.isfinite()  # (the pairwise merge keeps rank 0's out where nobody has a key; the reduction gives 0)
+    assert torch.allclose(merged[seen], out[seen], atol=1e-6) and not merged.isnan().any()
+    assert torch.equal(merged[1, 2], torch.zeros_like(merged[1, 2]))
