@@ -21,16 +21,7 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks.common import cuda_time_ms, env_info, markdown_table, write_results
-from hf_ringcp.ring import triton_merge
 from hf_ringcp.ring.merge import merge_into, merge_into_torch
-
-
-def _variant(name: str):
-    def run(*t):
-        triton_merge.VARIANT = name
-        merge_into(*t)
-
-    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         n = acc.numel()
         ref_w = torch.sigmoid(blse.double() - lse.double())
         ref = acc.double() + ref_w[..., None] * (blk.double() - acc.double())
-        for name, fn in (("torch", merge_into_torch), ("fused", _variant("fused")), ("lerp", _variant("lerp"))):
+        for name, fn in (("torch", merge_into_torch), ("triton", merge_into)):
             t = (acc.clone(), lse.clone(), blk, blse)
             fn(*t)
             diff = (t[0].double() - ref).abs()

@@ -464,9 +464,8 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["p2p", "allgather", "allgather_prefix"],
                         help="allgather: the planned all-gather (AllGatherRing); allgather_prefix: one bottom-right "
                              "causal call per query segment (AllGatherPrefix)")
-    parser.add_argument("--merge", choices=["fused", "lerp", "torch"], default="fused",
-                        help="the LSE merge on CUDA: the Triton kernel (fused), Triton for the output only (lerp), or "
-                             "the torch ops")
+    parser.add_argument("--merge", choices=["triton", "torch"], default="triton",
+                        help="the LSE merge on CUDA: the Triton kernel or the torch ops")
     parser.add_argument("--ulysses", type=int, nargs="+", default=[1],
                         help="Ulysses sizes u (1: the plain ring; P: pure Ulysses; between: the hybrid)")
     parser.add_argument("--heads", type=int, nargs=2, default=None, metavar=("HQ", "HKV"),
@@ -491,10 +490,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     merge.FUSED = args.merge != "torch"
-    if merge.FUSED and merge.fused_merge_available(torch.device("cuda")):
-        from hf_ringcp.ring import triton_merge
-
-        triton_merge.VARIANT = args.merge
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a dry run of the script's logic
     cuda = device == "cuda"
     args.heads = args.heads or ([32, 8] if cuda else [4, 2])

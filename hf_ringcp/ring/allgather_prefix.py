@@ -9,9 +9,10 @@ by one call). The K/V gradients of the two calls overlap on the shorter prefix a
 into the rank-major buffer the reduce-scatter takes.
 
 Kernels: those that align ``causal`` bottom-right natively (:func:`~hf_ringcp.ring.kernels.aligns_bottom_right`:
-flash, and cuDNN where the probe finds it so) get ``causal=True``; any other gets the explicit mask
-(:func:`~hf_ringcp.ring.kernels.bottom_right_mask`), which is how the CPU path is proven exact against
-:class:`~hf_ringcp.ring.allgather.AllGatherRing` (``tests/ring/test_allgather_prefix.py``).
+flash, and cuDNN where the probe finds it so: not with torch 2.11 / cuDNN 9.19) get ``causal=True``; on CPU the
+kernels get the explicit mask (:func:`~hf_ringcp.ring.kernels.bottom_right_mask`), which is how the path is proven
+exact against :class:`~hf_ringcp.ring.allgather.AllGatherRing` (``tests/ring/test_allgather_prefix.py``); on CUDA a
+kernel without the native alignment is refused (the masked kernel was 5-8x slower, and its backward wrong).
 
 Against :class:`~hf_ringcp.ring.allgather.AllGatherRing`: the gather is not overlapped with the rank's own block
 (each call reads gathered and own keys together), and the gathered K/V is copied into global order once per
@@ -107,6 +108,9 @@ class AllGatherPrefix(Variant):
         plain = self.setup.kernels.plain
         if aligns_bottom_right(plain, q.device):
             return plain, True, None
+        if q.is_cuda:  # an [Sq, S] mask through the efficient kernel: 5-8x slower (and its backward was wrong)
+            raise ValueError(f"AllGatherPrefix needs a kernel that aligns causal masks bottom-right on CUDA; "
+                             f"{plain.name} does not here. Use backend='flash', or the planned all-gather.")
         backend = plain if plain.masks else select_backend("auto", q, k, masked=True)
         return backend, False, bottom_right_mask(s.length, s.stop, q.dtype, q.device)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_ringcp.ring import triton_merge
 from hf_ringcp.ring.allgather import AllGatherRing
 from hf_ringcp.ring.allgather_prefix import AllGatherPrefix
 from hf_ringcp.ring.blocks import Kernels
@@ -39,12 +38,10 @@ def _strided(b: int, h: int, s: int, d: int, dtype, g) -> torch.Tensor:
     return torch.randn(b, s, h, d, generator=g, device="cuda", dtype=dtype).transpose(1, 2)
 
 
-@pytest.mark.parametrize("variant", ["fused", "lerp"])
 @pytest.mark.parametrize("block_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 32, 4096, 128), (2, 3, 77, 64), (1, 4, 5, 80)])
-def test_triton_merge_matches_torch_and_float64(variant: str, block_dtype, shape, monkeypatch) -> None:
+def test_triton_merge_matches_torch_and_float64(block_dtype, shape) -> None:
     assert fused_merge_available(torch.device("cuda"))
-    monkeypatch.setattr(triton_merge, "VARIANT", variant)
     g = torch.Generator(device="cuda").manual_seed(sum(shape))
     b, h, s, d = shape
     out = _strided(b, h, s, d, torch.float32, g)
@@ -109,7 +106,12 @@ def test_allgather_prefix_on_every_rank(backend: str, layout: str) -> None:
         setup = RankSetup(r, world, placement, MaskSpec(), kernels, default_scale(d))
         comm = lambda r=r: LoopbackGatherComm(r, gathered)
         qr, kr, vr, dr = (x[r] for x in local)
-        variants = {"prefix": AllGatherPrefix(setup, comm), "planned": AllGatherRing(setup, comm)}
+        variants = {"planned": AllGatherRing(setup, comm)}
+        if backend == "flash":
+            variants["prefix"] = AllGatherPrefix(setup, comm)
+        else:  # cuDNN (torch 2.11) aligns causal masks top-left: the prefix variant refuses it on CUDA
+            with pytest.raises(ValueError, match="bottom-right"):
+                AllGatherPrefix(setup, comm).attend(local[0][r], local[1][r], local[2][r])
         for name, variant in variants.items():
             out, lse = variant.attend(qr, kr, vr)
             dq = variant.attend_backward(dr, qr, kr, vr, out, lse)[0]
