@@ -82,6 +82,10 @@ class _RankMajorKVGrads:
         return self.buf
 
 
+#: Public name for the all-gather variants (:mod:`hf_ringcp.ring.allgather_prefix` files its gradients the same way).
+RankMajorKVGrads = _RankMajorKVGrads
+
+
 class AllGatherRing(Variant):
     """All-gather variant over ``setup.world`` ranks; ``comm`` makes the :class:`GatherComm`."""
 

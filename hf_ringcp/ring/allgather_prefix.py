@@ -27,7 +27,7 @@ from functools import cached_property
 
 import torch
 
-from hf_ringcp.ring.allgather import _RankMajorKVGrads
+from hf_ringcp.ring.allgather import RankMajorKVGrads
 from hf_ringcp.ring.blocks import like
 from hf_ringcp.ring.comm import GatherComm
 from hf_ringcp.ring.kernels import (
@@ -136,7 +136,7 @@ class AllGatherPrefix(Variant):
         gathered, comm = self._gather(kv)
         full = self._buffer(gathered)
         dq = torch.empty_like(q)
-        dkv = _RankMajorKVGrads(kv, s.world, self.moves)
+        dkv = RankMajorKVGrads(kv, s.world, self.moves)
         for seg in self.segments:
             rows = slice(seg.row, seg.stop_row)
             backend, causal, bias = self._kernel(seg, q, k)
