@@ -63,7 +63,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import attention_flops, cuda_time_ms, env_info, markdown_table, write_results
 from benchmarks.packing import DISTRIBUTIONS, REFERENCE_LEN, document_lengths, pack
+from hf_ringcp.ring import merge
 from hf_ringcp.ring.allgather import AllGatherRing
+from hf_ringcp.ring.allgather_prefix import AllGatherPrefix
 from hf_ringcp.ring.blocks import Kernels
 from hf_ringcp.ring.comm import LoopbackGatherComm, LoopbackRingComm
 from hf_ringcp.ring.kernels import BACKENDS, Backend, block_backward, block_forward, default_scale
@@ -123,6 +125,8 @@ class Ranks:
             return P2PRing(setup, lambda: LoopbackRingComm(kv_in), lambda: LoopbackRingComm(dkv_in))
         if comm == "allgather":
             return AllGatherRing(setup, lambda: LoopbackGatherComm(r, self.gathered))
+        if comm == "allgather_prefix":
+            return AllGatherPrefix(setup, lambda: LoopbackGatherComm(r, self.gathered))
         raise ValueError(f"unknown comm {comm!r}")
 
 
@@ -149,6 +153,19 @@ def time_kernels_only(ranks: Ranks, r: int, variant: Variant, out, lse, warmup, 
     s = variant.setup
     q, dout = ranks.q[r], _like(ranks.dout[r], ranks.q[r])
     out = _like(out, q)
+    if isinstance(variant, AllGatherPrefix):
+        full = variant._buffer(ranks.gathered)
+        segs = [(slice(g.row, g.stop_row), g.stop, variant._kernel(g, q, full[0])) for g in variant.segments]
+
+        def prefix_calls():
+            for rows, stop, (backend, causal, bias) in segs:
+                block_forward(backend, q[:, :, rows], full[0][:, :, :stop], full[1][:, :, :stop], causal, s.scale,
+                              bias)
+            for rows, stop, (backend, causal, bias) in segs:
+                block_backward(backend, dout[:, :, rows], q[:, :, rows], full[0][:, :, :stop], full[1][:, :, :stop],
+                               out[:, :, rows], lse[:, :, rows], causal, s.scale, bias)
+
+        return cuda_time_ms(prefix_calls, warmup, iters, inner)[0]
     work = [(calls, kv, [s.kernels.for_call(c, q) for c in calls])
             for calls, kv in rank_kernel_calls(ranks, r, variant)]
 
@@ -336,14 +353,23 @@ def plain_rows(args, device: str, info_print) -> list[dict]:
             full, ref_out, ref_dq = time_full(q, k, v, dout, kernels.plain, name, scale, *timing[:2])
             t_full = min(t for key, t in full.items() if key.endswith("_ms"))
             print(f"S={seq} {name}: full causal fwd+bwd {full} -> {flops / t_full / 1e9:.0f} TFLOP/s", flush=True)
-            for layout in args.layouts:
-                ranks = Ranks(q, k, v, dout, layout, p)
+            for layout, u in itertools.product(args.layouts, args.ulysses):
+                # Ulysses over u ranks: each holds Hq/u (and Hkv/u) heads of the u ranks' tokens, and the ring runs
+                # over P/u groups; with zigzag the groups' tokens form a zigzag over P/u (super-chunks of u chunks).
+                # The all-to-alls and the reordering copy are not simulated (free, as every transfer here).
+                if (hkv % u and u % hkv) or hq % u or p % u:
+                    continue
+                hu, ku = hq // u, max(hkv // u, 1)
+                ranks = Ranks(q[:, :hu], k[:, :ku], v[:, :ku], dout[:, :hu], layout, p // u)
                 for comm in args.comms:
-                    row = {"label": args.label, "S": seq, "P": p, "backend": name, "layout": layout, "comm": comm,
+                    label = comm if u == 1 else ("ulysses" if u == p else f"{comm} x ulysses {u}")
+                    if u == p and comm != args.comms[0]:
+                        continue  # pure Ulysses: one local call, the same for every ring comm
+                    row = {"label": args.label, "S": seq, "P": p, "backend": name, "layout": layout, "comm": label,
                            "full_ms": t_full, "full_blocks_ms": full.get("blocks_ms"),
                            "full_sdpa_ms": full.get("sdpa_ms"), "full_tflops": flops / t_full / 1e9}
                     try:
-                        row.update(sim_config(ranks, comm, kernels, scale, ref_out, ref_dq, timing,
+                        row.update(sim_config(ranks, comm, kernels, scale, ref_out[:, :hu], ref_dq[:, :hu], timing,
                                               name in args.bound))
                         row.update(efficiency=t_full / p / row["max_rank_ms"],
                                    tflops_per_gpu=flops / p / row["max_rank_ms"] / 1e9)
@@ -474,7 +500,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", type=int, default=8)
     parser.add_argument("--layouts", nargs="+", default=["zigzag", "contiguous"], choices=LAYOUTS)
     parser.add_argument("--backends", nargs="+", default=["cudnn", "flash"], choices=sorted(BACKENDS))
-    parser.add_argument("--comms", nargs="+", default=["p2p", "allgather"], choices=["p2p", "allgather"])
+    parser.add_argument("--comms", nargs="+", default=["p2p", "allgather"],
+                        choices=["p2p", "allgather", "allgather_prefix"],
+                        help="allgather: the planned all-gather (AllGatherRing); allgather_prefix: one bottom-right "
+                             "causal call per query segment (AllGatherPrefix)")
+    parser.add_argument("--merge", choices=["triton", "torch"], default="triton",
+                        help="the LSE merge on CUDA: the Triton kernel or the torch ops")
+    parser.add_argument("--ulysses", type=int, nargs="+", default=[1],
+                        help="Ulysses sizes u (1: the plain ring; P: pure Ulysses; between: the hybrid)")
     parser.add_argument("--heads", type=int, nargs=2, default=None, metavar=("HQ", "HKV"),
                         help="query and KV heads (default 32 8 on CUDA, 4 2 for a CPU dry run)")
     parser.add_argument("--head-dim", type=int, default=None, help="default 128 on CUDA, 32 for a CPU dry run")
@@ -496,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="ring_sim", help="result file stem")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
+    merge.FUSED = args.merge != "torch"
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a dry run of the script's logic
     cuda = device == "cuda"
     args.heads = args.heads or ([32, 8] if cuda else [4, 2])
@@ -508,8 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
 
     info = env_info()
-    info.update(label=args.label, native_gqa=args.native_gqa, heads=args.heads, head_dim=args.head_dim,
-                batch=args.batch, package=os.path.relpath(Path(sys.modules["hf_ringcp"].__file__).parent))
+    info.update(label=args.label, merge=args.merge, native_gqa=args.native_gqa, heads=args.heads,
+                head_dim=args.head_dim, batch=args.batch,
+                package=os.path.relpath(Path(sys.modules["hf_ringcp"].__file__).parent))
     if args.packed:
         info.update(packed_seqlen=args.packed_seqlen, packed_seed=args.seed)
     print(json.dumps(info), flush=True)

@@ -65,7 +65,9 @@ class _ShardedLayer(CacheLayerMixin):
     """One layer's share of the cache: ``keys``/``values`` ``[B, Hkv, N, D]``, ``positions``/``valid`` ``[B, N]``.
 
     ``length`` counts the sequence columns the layer has seen on all ranks together (what Transformers calls
-    the cache's sequence length); ``N`` is what this rank holds (about ``length / P``).
+    the cache's sequence length); ``N`` is what this rank holds (about ``length / P``). The four are views of the
+    first ``N`` columns of pre-allocated storage that grows by an eighth (at least 1024 columns) when full, so a
+    decode step writes its token in place instead of re-concatenating the cache.
     """
 
     is_sliding = False
@@ -80,6 +82,7 @@ class _ShardedLayer(CacheLayerMixin):
         self.positions: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._store: list[torch.Tensor] = []  # keys, values [B, H, capacity, D]; positions, valid [B, capacity]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, hkv, _, d = key_states.shape
@@ -88,8 +91,37 @@ class _ShardedLayer(CacheLayerMixin):
         self.values = value_states.new_zeros((rows, hkv, 0, value_states.shape[-1]))
         self.positions = torch.zeros((rows, 0), dtype=torch.long, device=key_states.device)
         self.valid = torch.zeros((rows, 0), dtype=torch.bool, device=key_states.device)
+        self._store = [self.keys, self.values, self.positions, self.valid]
         self.device = key_states.device
         self.is_initialized = True
+
+    @staticmethod
+    def _headroom(n: int) -> int:
+        return n + max(1024, n // 8)
+
+    def _append(self, parts: list[torch.Tensor]) -> None:
+        """Write ``keys``, ``values`` ``[B, H, L, D]``, ``positions``, ``valid`` ``[B, L]`` after the held columns."""
+        n, add = self.keys.shape[2], parts[0].shape[2]
+        held = (self.keys, self.values, self.positions, self.valid)
+        if n + add > self._store[0].shape[2]:  # full: grow once by an eighth (amortised), keep the held columns
+            cap = self._headroom(n + add)
+            grown = []
+            for old, x in zip(self._store, held):
+                if old.dim() == 4:
+                    new = old.new_empty((old.shape[0], old.shape[1], cap, old.shape[3]))
+                    new[:, :, :n] = x
+                else:
+                    new = old.new_empty((old.shape[0], cap))
+                    new[:, :n] = x
+                grown.append(new)
+            self._store = grown
+        for store, x in zip(self._store, parts):
+            (store[:, :, n : n + add] if store.dim() == 4 else store[:, n : n + add]).copy_(x)
+        self._views(n + add)
+
+    def _views(self, n: int) -> None:
+        k, v, pos, valid = self._store
+        self.keys, self.values, self.positions, self.valid = k[:, :, :n], v[:, :, :n], pos[:, :n], valid[:, :n]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,8 +130,13 @@ class _ShardedLayer(CacheLayerMixin):
         prompt = self.cache.prompt
         if prompt is not None:  # the prefill: this rank's shard of the prompt, regrouped per batch row
             index, valid, positions, columns = prompt
-            self.keys, self.values = (_rows(x, index) for x in (key_states, value_states))
-            self.positions, self.valid, self.length = positions, valid, columns
+            self._store = [_rows(x, index, self._headroom(index.shape[1])) for x in (key_states, value_states)]
+            for x in (positions, valid):
+                store = x.new_empty((x.shape[0], self._store[0].shape[2]))
+                store[:, : x.shape[1]] = x
+                self._store.append(store)
+            self._views(index.shape[1])
+            self.length = columns
         else:  # a decode step: stored by attend(), which knows the tokens' positions
             self.pending = (key_states, value_states)
         return key_states, value_states
@@ -115,15 +152,16 @@ class _ShardedLayer(CacheLayerMixin):
         b, length = query.shape[0], query.shape[2]
         positions = positions.to(self.positions.device).expand(b, length)
         if self.steps % self.cache.world == self.cache.rank:  # round-robin: each new token lives on one rank
-            self.keys = torch.cat([self.keys, keys], dim=2)
-            self.values = torch.cat([self.values, values], dim=2)
-            self.positions = torch.cat([self.positions, positions], dim=1)
-            self.valid = torch.cat([self.valid, self.cache.column_validity(self.length, length)], dim=1)
+            self._append([keys, values, positions, self.cache.column_validity(self.length, length)])
         self.steps += 1
         self.length += length
-        visible = self.valid[:, None, :] & (self.positions[:, None, :] <= positions[:, :, None])
-        if window is not None:
-            visible &= positions[:, :, None] - self.positions[:, None, :] < window
+        if length == 1 and self.cache.all_valid and (window is None or window > self.length):
+            # Every held key is an earlier (or this) real token inside the window: no mask, the fused kernel.
+            visible = None
+        else:
+            visible = self.valid[:, None, :] & (self.positions[:, None, :] <= positions[:, :, None])
+            if window is not None:
+                visible &= positions[:, :, None] - self.positions[:, None, :] < window
         out = decode_attention(query, self.keys, self.values, visible, self.cache.group, scale)
         return out.transpose(1, 2).contiguous()
 
@@ -159,11 +197,14 @@ class _ShardedLayer(CacheLayerMixin):
         self._refuse("selecting batch rows")
 
 
-def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``[R, H, T, D]`` shard + ``[B, N]`` flat indices into ``R * T`` -> ``[B, H, N, D]``."""
+def _rows(x: torch.Tensor, index: torch.Tensor, capacity: int) -> torch.Tensor:
+    """``[R, H, T, D]`` shard + ``[B, N]`` flat indices into ``R * T`` -> storage ``[B, H, capacity, D]`` holding
+    the ``N`` gathered columns first."""
     r, h, t, d = x.shape
     flat = x.transpose(0, 1).reshape(h, r * t, d)
-    return flat[:, index.reshape(-1)].reshape(h, *index.shape, d).transpose(0, 1).contiguous()
+    store = x.new_empty((index.shape[0], h, capacity, d))
+    store[:, :, : index.shape[1]] = flat[:, index.reshape(-1)].reshape(h, *index.shape, d).transpose(0, 1)
+    return store
 
 
 class ShardedCache(Cache):
@@ -177,6 +218,8 @@ class ShardedCache(Cache):
         self.group = group
         self.rank, self.world = group_rank_and_size(group)
         self.prompt_mask = prompt_mask.bool()
+        #: No padding in the prompt (one host sync per generate): decode steps of one token then need no mask.
+        self.all_valid = bool(self.prompt_mask.all())
         self.batch_size_hint = prompt_mask.shape[0]
         self.prompt: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
         super().__init__(layers=[_ShardedLayer(self) for _ in range(num_layers)])

@@ -43,8 +43,12 @@ from hf_ringcp.ring.plan import BlockCall
 from hf_ringcp.ring.variant import RankSetup, Variant
 from hf_ringcp.ring.varlen import PackedOutput, PackedSchedule, Step, add_kv_rows, blocks, rows
 
+#: Take :class:`hf_ringcp.ring.allgather_prefix.AllGatherPrefix` (one bottom-right causal call per query segment, no
+#: merges) where it applies and the kernel aligns bottom-right natively.
+PREFIX = True
 
-class _RankMajorKVGrads:
+
+class RankMajorKVGrads:
     """Float32 dK/dV of every token, filed straight into the rank-major ``[P, 2, B, H, S_local, D]`` layout that the
     reduce-scatter takes (no full-sequence buffer, no reordering pass, no zero-fill of written rows): the first
     gradient for a row is copied, later ones added; :meth:`result` zero-fills the rest.
@@ -185,8 +189,8 @@ class AllGatherRing(Variant):
             gathered, work = comm.start_gather(sent)
         dq = RowAccumulator(torch.empty_like(q, dtype=torch.float32))
         # This rank's share of every sent token's dK/dV; its own rows when all of them are sent, else apart.
-        dkv = _RankMajorKVGrads(sent, s.world, self.moves)
-        home = dkv if self.sent.everything else _RankMajorKVGrads(kv, 1, ())
+        dkv = RankMajorKVGrads(sent, s.world, self.moves)
+        home = dkv if self.sent.everything else RankMajorKVGrads(kv, 1, ())
         for own_rows, bdk, bdv in kv_pieces(backward_kernels(self.own_calls, dout, q, k, v, out, lse, dq, s.kernels,
                                                              s.scale)):
             home.add_local(s.rank if self.sent.everything else 0, own_rows, bdk, bdv)
@@ -263,5 +267,12 @@ class AllGatherRing(Variant):
             mine = home.permute(1, 2, 0, 3).unsqueeze(1)
         return blocks(dq).to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
 
-def build(setup: RankSetup, group: dist.ProcessGroup | None) -> AllGatherRing:
-    return AllGatherRing(setup, lambda: GatherComm(group))
+
+def build(setup: RankSetup, group: dist.ProcessGroup | None) -> Variant:
+    from hf_ringcp.ring import allgather_prefix  # it builds on this module
+
+    comm = lambda: GatherComm(group)
+    device = "cuda" if setup.kernels.plain.name in ("cudnn", "flash") else "cpu"
+    if PREFIX and allgather_prefix.preferred(setup, device):
+        return allgather_prefix.AllGatherPrefix(setup, comm)
+    return AllGatherRing(setup, comm)

@@ -6,9 +6,11 @@ Every backend computes, for one block of queries against one block of keys/value
     backward(dout, q, k, v, out, lse, causal, scale, bias) -> (dq, dk, dv)
 
 Shapes: ``q`` ``[B, Hq, Sq, D]``; ``k``, ``v`` ``[B, Hkv, Sk, D]`` with ``Hq % Hkv == 0`` (not repeated);
-``out`` like ``q`` in the input dtype; ``lse`` ``[B, Hq, Sq]`` float32, natural log. ``causal`` is only used on
-square blocks (``Sq == Sk``) and then means the usual lower-triangular mask; the ring never asks a kernel
-for a rectangular causal block, so the kernels' differing alignments of that case never matter. ``bias`` is
+``out`` like ``q`` in the input dtype; ``lse`` ``[B, Hq, Sq]`` float32, natural log. ``causal`` on
+square blocks (``Sq == Sk``) means the usual lower-triangular mask. The planned ring never asks a kernel for a
+rectangular causal block; only the all-gather's prefix calls (:mod:`hf_ringcp.ring.allgather_prefix`) do, with
+``Sq < Sk`` and the diagonal aligned at the bottom right, and only of a kernel that :func:`aligns_bottom_right`
+(flash does; the others' alignments differ, so they get an explicit mask there). ``bias`` is
 ``None`` or an additive ``[Sq, Sk]`` mask (0 where visible, ``-inf`` where not) for the masked edge blocks of a
 sliding window (:class:`~hf_ringcp.ring.plan.BlockCall` ``kind="band"``); only backends with ``masks=True`` get
 one, and the planner never leaves a query row of a masked block without a visible key.
@@ -251,6 +253,45 @@ BACKEND_NAMES = ("auto", *BACKENDS)
 # Measured order on Hopper (docs/performance.md): cuDNN (~535-565 TFLOP/s causal fwd+bwd on H100) > flash (~320)
 # > efficient (~145); math is the last resort.
 _AUTO_ORDER = ("cudnn", "flash", "efficient", "cpu_flash", "math")
+
+
+def bottom_right_mask(sq: int, sk: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """``[Sq, Sk]`` additive causal mask aligned at the bottom right: query ``i`` sees keys ``j <= i + Sk - Sq``."""
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    return additive_mask(j <= i + (sk - sq), dtype)
+
+
+@functools.cache
+def _probe_bottom_right(name: str, device: str) -> bool:
+    """Run ``name``'s causal kernel once on a small ``Sq < Sk`` block and compare with the bottom-right mask."""
+    backend = BACKENDS[name]
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, 2, 64, 64, generator=g, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, 192, 64, generator=g, device=device, dtype=torch.bfloat16) for _ in range(2))
+    try:
+        out, _ = backend.forward(q, k, v, True, 0.125)
+    except RuntimeError:
+        return False
+    ref, _ = _math_forward(q, k, v, False, 0.125, bottom_right_mask(64, 192, torch.float32, device))
+    return bool(((out.float() - ref.float()).abs().max() < 2e-2).item())
+
+
+def aligns_bottom_right(backend: Backend, device: torch.device | str) -> bool:
+    """Whether ``backend``'s ``causal=True`` with ``Sq < Sk`` masks bottom-right (query ``i`` sees keys
+    ``j <= i + Sk - Sq``), forward and backward, on ``device``.
+
+    Flash attention (FA2) aligns causal masks so, which ``torch.nn.attention.bias.causal_lower_right`` relies on;
+    cuDNN is probed once per device (torch's op may set either alignment); the CPU kernels align top-left.
+    """
+    if backend.name == "flash":
+        return True
+    device = torch.device(device)
+    if backend.name == "cudnn" and device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return _probe_bottom_right("cudnn", str(device))
+    return False
 
 
 def select_backend(name: str, q: torch.Tensor, k: torch.Tensor, masked: bool = False) -> Backend:
