@@ -140,19 +140,23 @@ class RecipeConfig:
 
     # TRL
     trainer: str = field(default="transformers", metadata={"help": (
-        '``"transformers"`` (the Trainer on packed ``seq_len`` chunks of ``dataset``) or ``"trl"`` (TRL\'s '
-        "SFTTrainer on a chat/prompt-completion/text jsonl ``dataset``, rows up to ``seq_len`` tokens).")})
+        '``"transformers"`` (the Trainer on packed ``seq_len`` chunks of ``dataset``), ``"trl"`` (TRL\'s '
+        "SFTTrainer on a chat/prompt-completion/text jsonl ``dataset``, rows up to ``seq_len`` tokens) or "
+        '``"dpo"`` (TRL\'s DPOTrainer on a ``prompt``/``chosen``/``rejected`` jsonl ``dataset``, the '
+        "adapter-disabled model as the reference, chosen + rejected up to ``seq_len`` tokens each).")})
     packing: bool = field(default=True, metadata={"help": (
         "``trainer: trl``: pack the examples into rows of ``seq_len`` tokens (BFD, padding-free; documents stay "
         "apart under context parallelism).")})
+    beta: float = field(default=0.1, metadata={"help": (
+        "``trainer: dpo``: DPO's beta (how far the policy may move from the reference).")})
 
     def __post_init__(self) -> None:
         check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"), "use dtype: bfloat16 on GPUs")
         check_choice("lora_dtype", self.lora_dtype, ("float32", "bfloat16"), "use lora_dtype: bfloat16 for speed")
         if isinstance(self.liger_kernels, str):
             check_choice("liger_kernels", self.liger_kernels, ("auto",), "or true / false")
-        check_choice("trainer", self.trainer, ("transformers", "trl"),
-                     "use trainer: trl for TRL's SFTTrainer (pip install 'trl>=1.16')")
+        check_choice("trainer", self.trainer, ("transformers", "trl", "dpo"),
+                     "use trainer: trl for TRL's SFTTrainer, trainer: dpo for its DPOTrainer (pip install 'trl>=1.16')")
         ring = self.ring_config  # validates layout, comm, backend and ulysses_size: the library's one place for it
         if self.ulysses_size != "auto":
             ring.check_world(self.cp_size)
@@ -160,6 +164,8 @@ class RecipeConfig:
                      "gradient_accumulation_steps", "logging_steps", "save_steps", "num_train_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, but got {getattr(self, name)!r}.")
+        if self.beta <= 0:
+            raise ValueError(f"`beta` must be > 0 (DPO's temperature, e.g. 0.1), but got {self.beta!r}.")
         self.check_lengths()
 
     @property

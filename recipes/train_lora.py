@@ -184,7 +184,7 @@ def _mean(values) -> float:
 
 
 def training_arguments(cfg: RecipeConfig):
-    """``TrainingArguments`` (or TRL's ``SFTConfig`` for ``trainer: trl``) from the recipe."""
+    """``TrainingArguments`` (TRL's ``SFTConfig`` for ``trainer: trl``, ``DPOConfig`` for ``trainer: dpo``)."""
     from transformers import TrainingArguments
 
     kind = TrainingArguments
@@ -194,6 +194,14 @@ def training_arguments(cfg: RecipeConfig):
 
         kind = SFTConfig
         extra = dict(packing=cfg.packing, max_length=cfg.seq_len, bf16=cfg.dtype == "bfloat16")
+    elif cfg.trainer == "dpo":
+        from trl import DPOConfig
+
+        # TRL's configs default to bf16=True (on CPU too): the recipe's dtype decides. The reference log-probs are
+        # scored at every step (sharded like the policy's), not precomputed.
+        kind = DPOConfig
+        extra = dict(max_length=cfg.seq_len, beta=cfg.beta, bf16=cfg.dtype == "bfloat16",
+                     precompute_ref_log_probs=False)
     if cfg.fsdp:  # FSDP2 over all dp x cp ranks; the ring runs inside each CP group as before
         extra.update(fsdp="full_shard", fsdp_config={"fsdp_version": 2})
     return kind(
@@ -209,8 +217,9 @@ def training_arguments(cfg: RecipeConfig):
     )
 
 
-def build_sft_datasets(cfg: RecipeConfig):
-    """``trainer: trl``: the jsonl rows as TRL reads them (``messages``, ``prompt``/``completion`` or ``text``)."""
+def build_trl_datasets(cfg: RecipeConfig):
+    """``trainer: trl`` / ``dpo``: the jsonl rows as TRL reads them (``messages``, ``prompt``/``completion`` or
+    ``text`` for SFT; ``prompt``/``chosen``/``rejected``, conversational or plain, for DPO)."""
     from recipes.data import load_text_source
 
     train = load_text_source(cfg.dataset)
@@ -233,11 +242,11 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
     args = training_arguments(cfg)  # initialises torch.distributed under accelerate launch / torchrun
     model, tokenizer = load_model_and_tokenizer(cfg)
     trainer_class = Trainer
-    if cfg.trainer == "trl":
-        from trl import SFTTrainer  # RingCPCallback uses the same seams of it
+    if cfg.trainer in ("trl", "dpo"):
+        import trl  # RingCPCallback specialises SFTTrainer and DPOTrainer at class level
 
-        trainer_class = SFTTrainer
-        train_data, eval_data = build_sft_datasets(cfg)
+        trainer_class = trl.SFTTrainer if cfg.trainer == "trl" else trl.DPOTrainer
+        train_data, eval_data = build_trl_datasets(cfg)
     else:
         train_data, eval_data = build_datasets(cfg, tokenizer)
     plugin = ContextParallelPlugin(

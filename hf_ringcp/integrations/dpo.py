@@ -63,6 +63,8 @@ class RingCPDPOMixin(RingCPTrainerMixin):
             if active or not kwargs.get("fused_lm_head") or kwargs.get("labels") is None:
                 return None  # an inner module of a call already sharded, or not a scoring call
             sharded = plugin.shard({k: kwargs[k] for k in _BATCH_KEYS if kwargs.get(k) is not None})
+            if module.training and torch.is_grad_enabled():  # the policy's scoring (not the reference's)
+                self._ringcp_count_tokens(sharded)
             active.append((module, sharded))
             return args, {**{k: v for k, v in kwargs.items() if k not in _BATCH_KEYS}, **sharded}
 

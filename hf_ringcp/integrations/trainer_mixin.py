@@ -135,13 +135,17 @@ class RingCPTrainerMixin:
 
     # ------------------------------------------------------------------------------------------- steps
 
+    def _ringcp_count_tokens(self, sharded: dict[str, Any]) -> None:
+        """Add a trained shard's real tokens (its CP padding not counted) to the throughput meter."""
+        info = sharded.get(SHARD_KEY)
+        self.ring_cp.meter.add(int(sharded["input_ids"].numel()) - (0 if info is None else info.local_padding()))
+
     def _prepare_context_parallel_inputs(self, model: torch.nn.Module, inputs: dict[str, Any]):
         # compat.TRAINER_CP_SEAM: the Trainer's own hand-over of a batch for context parallelism.
         state = self.ring_cp
         sharded = state.shard(inputs)
         if model.training:
-            info = sharded.get(SHARD_KEY)
-            state.meter.add(int(sharded["input_ids"].numel()) - (0 if info is None else info.local_padding()))
+            self._ringcp_count_tokens(sharded)
             if state.neftune:
                 # The hook's amplitude is alpha / sqrt(L_shard * d); alpha * sqrt(L_shard / L) makes it
                 # alpha / sqrt(L * d), L the batch's length before the CP padding, as in one process.

@@ -50,7 +50,7 @@ def test_context_is_frozen() -> None:
     ("kwargs", "message"),
     [
         ({"layout": "ring"},
-         r"`layout` must be one of \('zigzag', 'zigzag_global', 'contiguous', 'striped'\), but got 'ring'"),
+         r"`layout` must be one of \('zigzag', 'zigzag_global', 'balanced', 'contiguous', 'striped'\), but got 'ring'"),
         ({"comm": "nccl"}, r"`comm` must be one of \('p2p', 'allgather', 'ulysses', 'auto'\), but got 'nccl'"),
         ({"backend": "flash2"}, r"`backend` must be one of \('auto', .*'math'\), but got 'flash2'"),
     ],

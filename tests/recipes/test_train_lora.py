@@ -85,6 +85,20 @@ def test_trl_recipe_trains_on_the_shipped_chat_data(tmp_path: Path) -> None:
     assert math.isfinite(out["eval_loss"]) and out["tokens_per_second"] > 0
 
 
+def test_dpo_recipe_trains_on_the_shipped_preferences_as_one_process(tmp_path: Path) -> None:
+    pytest.importorskip("trl")
+    dpo = ["--trainer", "dpo", "--dataset", str(ROOT / "recipes/data/preference_example.jsonl"), "--max_steps", "2",
+           "--skip_passkey_eval", "true", "--save_steps", "2", "--beta", "0.5", "--dtype", "float32"]
+    out = _launch(tmp_path / "dpo", *dpo)
+    single = _single_process(tmp_path / "single", *dpo, "--per_device_train_batch_size", "1")
+    assert len(out["losses"]) == 2 and all(math.isfinite(x) for x in out["losses"])
+    # The DPO losses and gradient norms of CP = 2 are those of one process (the adapter-disabled reference included).
+    assert out["losses"] == pytest.approx(single["losses"], rel=1e-4)
+    assert out["grad_norms"] == pytest.approx(single["grad_norms"], rel=1e-4)
+    assert out["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-4) and out["tokens_per_second"] > 0
+    assert (tmp_path / "dpo" / "adapter_model.safetensors").exists()
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
