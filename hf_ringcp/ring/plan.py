@@ -285,7 +285,15 @@ def step_launches(calls: tuple[BlockCall, ...], mode: str, dense_rows: int = DEN
 
     out = [Launch("call", (c,)) for c in calls if alone(c)]
     small = [c for c in calls if not alone(c)]
-    groups = [[c for c in small if c.kind == kind] for kind in ("causal", "full")] if mode == "varlen" else [small]
+    if mode == "varlen":
+        # A 1x1 block (a one-token document) is a causal square too: it joins the causal launch after its squares
+        # (the launch's mask follows its first call) instead of costing a dense call of its own.
+        point = lambda c: c.kind == "full" and c.q_end - c.q_start == 1 and c.kv_end - c.kv_start == 1
+        causal = [c for c in small if c.kind == "causal"]
+        groups = [causal + [c for c in small if point(c)] if causal else [],
+                  [c for c in small if c.kind == "full" and not (causal and point(c))]]
+    else:
+        groups = [small]
     for group in groups:
         if len(group) == 1:
             out.append(Launch("call", (group[0],)))

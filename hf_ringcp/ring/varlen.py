@@ -250,9 +250,9 @@ class DeviceLaunch:
     kind: str
     causal: bool
     q_rows: Rows
+    writes: tuple[tuple[bool, Rows, Rows | None], ...]
     kv_rows: Rows
     kv_grad: Rows
-    writes: tuple[tuple[bool, Rows, Rows | None], ...]
     call: BlockCall | None = None
     bias: torch.Tensor | None = None
     cu_q: torch.Tensor | None = None
@@ -282,6 +282,15 @@ def _slice_writes(written: torch.Tensor, a: int, b: int):
     cuts = [0, *((w[1:] != w[:-1]).nonzero().flatten() + 1).tolist(), b - a]
     written[a:b] = True
     return tuple((not bool(w[s]), slice(a + s, a + e), slice(s, e)) for s, e in itertools.pairwise(cuts))
+
+
+def _query_rows(written: torch.Tensor, q_idx: torch.Tensor, device) -> tuple[Rows, tuple]:
+    """A launch's query rows and output writes: a slice (views, no gathers, writes and merges in place) where its
+    packed rows are a run of consecutive local rows, as a step's causal squares over every local document are."""
+    rows_ = _as_rows(q_idx, device)
+    if isinstance(rows_, slice):
+        return rows_, _slice_writes(written, rows_.start, rows_.stop)
+    return rows_, _index_writes(written, q_idx, device)
 
 
 def _index_writes(written: torch.Tensor, dst: torch.Tensor, device):
@@ -341,20 +350,21 @@ def _device_launch(launch: Launch, step: Step, written: torch.Tensor, device, dt
             if not bool(visible.any(-1).all()):
                 raise AssertionError(f"the plan left query rows of {c} without a visible key")
             bias = additive_mask(visible, dtype).to(device)
-        return DeviceLaunch("call", c.causal, c.q, _as_rows(_mapped(kv, step.kv_map), device),
-                            _as_rows(_mapped(kv, step.grad_map), device),
-                            _slice_writes(written, c.q_start, c.q_end), call=c, bias=bias)
+        return DeviceLaunch("call", c.causal, c.q, _slice_writes(written, c.q_start, c.q_end),
+                            _as_rows(_mapped(kv, step.kv_map), device), _as_rows(_mapped(kv, step.grad_map), device),
+                            call=c, bias=bias)
     if launch.kind == "masked":
         q_idx, kv_idx, bias = _mask_bias(launch, dtype, device)
-        return DeviceLaunch("masked", False, q_idx.to(device), _mapped(kv_idx, step.kv_map).to(device),
-                            _mapped(kv_idx, step.grad_map).to(device), _index_writes(written, q_idx, device),
-                            bias=bias)
+        return DeviceLaunch("masked", False, *_query_rows(written, q_idx, device),
+                            _as_rows(_mapped(kv_idx, step.kv_map), device),
+                            _as_rows(_mapped(kv_idx, step.grad_map), device), bias=bias)
     q_ranges = [(c.q_start, c.q_end) for c in launch.calls]
     kv_ranges = [(c.kv_start, c.kv_end) for c in launch.calls]
     q_idx, kv_idx = _arange(q_ranges), _arange(kv_ranges)
     cu = lambda ranges: torch.tensor([0, *itertools.accumulate(b - a for a, b in ranges)], dtype=torch.int32)
-    return DeviceLaunch("varlen", launch.causal, q_idx.to(device), _mapped(kv_idx, step.kv_map).to(device),
-                        _mapped(kv_idx, step.grad_map).to(device), _index_writes(written, q_idx, device),
+    return DeviceLaunch("varlen", launch.causal, *_query_rows(written, q_idx, device),
+                        _as_rows(_mapped(kv_idx, step.kv_map), device),
+                        _as_rows(_mapped(kv_idx, step.grad_map), device),
                         cu_q=cu(q_ranges).to(device), cu_k=cu(kv_ranges).to(device),
                         max_q=max(b - a for a, b in q_ranges), max_k=max(b - a for a, b in kv_ranges))
 

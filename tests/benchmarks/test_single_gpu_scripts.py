@@ -72,6 +72,16 @@ def test_ring_sim_cpu_dry_run_checks_plain_and_packed_rows(tmp_path: Path) -> No
     assert {r["pad"] > 0 for r in packed if r["layout"] == "zigzag" and r["dist"] != "one"} == {True}
 
 
+def test_profile_rank_cpu_dry_run_writes_a_table_per_configuration(tmp_path: Path) -> None:
+    proc = _run("profile_rank.py", "--seqlen", "512", "--world", "2", "--layouts", "balanced", "zigzag",
+                "--comms", "p2p", "allgather", "--backend", "cpu_flash", "--iters", "1", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    written = _written(tmp_path, "profile_rank")
+    assert written["env"]["docs"] > 1
+    (md,) = tmp_path.glob("profile_rank_*.md")
+    assert md.read_text().count("## lognormal 512 P=2 cpu_flash") == 4
+
+
 def test_train_step_dry_run_runs_the_forced_ring(tmp_path: Path) -> None:
     proc = _run("train_step.py", "--dry-run", "--seqlens", "256", "512", "--search", "--no-attention-probe",
                 "--out", str(tmp_path), timeout=400)

@@ -123,3 +123,18 @@ def test_every_step_is_at_most_two_launches(layout: str, mode: str) -> None:
                 assert len(launches) <= 2, (world, rank, launches)
                 if mode == "masked" and len(calls) > 2:  # one call under a mask covers the step
                     assert len(launches) == 1, (world, rank, launches)
+
+
+@pytest.mark.parametrize("layout", ["zigzag_global", "contiguous", "striped"])
+def test_one_token_documents_join_the_causal_launch(layout: str) -> None:
+    """A one-token document's 1x1 block (planned as unmasked) runs inside the step's causal varlen launch, not as a
+    dense call of its own (found on an H100: 96 short documents with one of length 1 cost a dense call per step)."""
+    lengths = [7, 1, 12, 30, 1, 9]
+    bounds = torch.tensor([0, *itertools.accumulate(lengths)])
+    placement = Layout.for_name(layout, 1).placement(int(bounds[-1]), bounds)
+    own = placement.segments(0)
+    calls = plan_calls(own, own, MaskSpec(documents=placement.documents))
+    assert any(c.kind == "full" and c.q_end - c.q_start == 1 for c in calls)
+    launches = step_launches(calls, "varlen")
+    assert [la.kind for la in launches] == ["varlen"] and launches[0].causal, launches
+    assert len(launches[0].calls) == len(lengths)
