@@ -69,6 +69,7 @@ class RingCPGRPOMixin(RingCPTrainerMixin):
     """Context parallelism for ``trl.GRPOTrainer``: ``class MyGRPO(RingCPGRPOMixin, GRPOTrainer)``, or the callback."""
 
     _ringcp_shards_batches = False  # the batch is sharded at TRL's scoring calls
+    _ringcp_tokens_counted_per_rank = False  # TRL counts the rollout's tokens with the (DP view's) gather
 
     @property
     def accelerator(self) -> Any:

@@ -90,6 +90,9 @@ class RingCPTrainerMixin:
 
     #: Whether this family shards whole batches at the Trainer's CP hand-over and counts ``N`` over labels.
     _ringcp_shards_batches = True
+    #: Whether ``state.num_input_tokens_seen`` grows by every rank's copy of the batch (the Trainer's own count),
+    #: so the callback counts a CP group's tokens once; a family whose trainer counts per DP group says False.
+    _ringcp_tokens_counted_per_rank = True
 
     # ------------------------------------------------------------------------------------------- state
 

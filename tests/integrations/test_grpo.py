@@ -72,14 +72,15 @@ def _grpo(attn: str, output_dir: str, loss_type: str, callbacks: list, trainer_c
         num_generations=4, max_completion_length=10, max_steps=2, learning_rate=0.5, logging_steps=1,
         save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=3, bf16=False, beta=0.05,
         loss_type=loss_type, importance_sampling_level="sequence" if loss_type == "luspo" else "token",
-        dataloader_num_workers=0, optim="sgd",  # SGD: the weights' change is the gradients' (Adam's is not linear)
+        dataloader_num_workers=0, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4,
+        optim="sgd",  # SGD: the weights' change is the gradients' (Adam's is not linear)
     )
     args = GRPOConfig(**{**settings, **kw})
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
     torch.manual_seed(1)
     trainer = trainer_cls(model=_model(attn, len(tokenizer)), reward_funcs=_reward, args=args,
-                          train_dataset=_dataset(8, 1), processing_class=tokenizer, peft_config=lora,
-                          callbacks=callbacks)
+                          train_dataset=_dataset(8, 1), eval_dataset=_dataset(2, 2), processing_class=tokenizer,
+                          peft_config=lora, callbacks=callbacks)
     return trainer
 
 
@@ -98,7 +99,7 @@ def _ring(rank: int, world: int, output_dir: str, loss_types: tuple[str, ...]) -
 
 
 def _values(history: list[dict]) -> dict[str, list[float]]:
-    return {k: [h[k] for h in history if k in h] for k in METRICS}
+    return {k: [h[k] for h in history if k in h] for k in (*METRICS, *(f"eval_{m}" for m in METRICS))}
 
 
 @pytest.mark.parametrize("loss_types", [LOSS_TYPES[:4], LOSS_TYPES[4:]], ids=["grpo-bnpo-dr_grpo-dapo",
@@ -108,7 +109,8 @@ def test_grpo_trainer_under_context_parallelism_matches_one_process(loss_types: 
     for loss_type in loss_types:
         ref = _train("sdpa", str(tmp_path / "ref" / loss_type), loss_type, [])
         expected = _values(ref["history"])
-        assert len(expected["loss"]) == 2 and expected["grad_norm"][0] > 0, (loss_type, expected)
+        assert len(expected["loss"]) == 2 and len(expected["eval_loss"]) == 1, (loss_type, expected)
+        assert expected["grad_norm"][0] > 0, (loss_type, expected)
         assert len(ref["updates"]) > 0 and all(u.abs().max() > 0 for u in ref["updates"].values()), loss_type
         for rank, results in enumerate(per_rank):
             got = _values(results[loss_type]["history"])
