@@ -32,10 +32,9 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
-# The module, not its names: importing hf_ringcp.integrations.generation first imports this one halfway.
-from hf_ringcp.integrations import generation as _generation
 from hf_ringcp.integrations.batch import SHARD_KEY, ShardInfo, is_shard_mask, position_fingerprint
 from hf_ringcp.integrations.context import RING_CALLS, RingContext, get_context, make_context
+from hf_ringcp.integrations.decoding import decode_step, decoding_cache
 from hf_ringcp.integrations.models import needs_preparation
 from hf_ringcp.ring import local_positions, ring_attention
 from hf_ringcp.ring.group import group_rank_and_size
@@ -87,7 +86,7 @@ def ring_attention_mask(
     raise, as do mask overlays (``or_mask_function``/``and_mask_function``), chunked attention and bidirectional
     masks.
     """
-    if _generation.decoding_cache() is not None:
+    if decoding_cache() is not None:
         return None  # hf_ringcp.generate's decode steps: the sharded cache knows each key's row and position
     ctx = get_context()
     from_shard = attention_mask is not None and is_shard_mask(attention_mask)
@@ -328,9 +327,9 @@ def ring_attention_forward(
         window), across the ranks of the active group.
     """
     RING_CALLS.record()
-    if _generation.decoding_cache() is not None:
+    if decoding_cache() is not None:
         _check_scores(kwargs)
-        return _generation.decode_step(module, query, scaling, kwargs, _window_of(module, kwargs)), None
+        return decode_step(module, query, scaling, kwargs, _window_of(module, kwargs)), None
     ctx = get_context()
     info = kwargs.get(SHARD_KEY)
     padded_shard, _PADDED_SHARD.seen = _PADDED_SHARD.seen, False

@@ -149,10 +149,10 @@ def test_the_decode_switch_is_per_thread() -> None:
     """Another thread's "ring" forwards (training, a second generate) are not taken for this one's decode steps."""
     import threading
 
-    from hf_ringcp.integrations.generation import _decoding, decoding_cache
+    from hf_ringcp.integrations.decoding import decoding, decoding_cache
 
     cache, seen = object(), []
-    with _decoding(cache):
+    with decoding(cache):
         other = threading.Thread(target=lambda: seen.append(decoding_cache()))
         other.start()
         other.join()
