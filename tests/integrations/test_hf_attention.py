@@ -29,16 +29,14 @@ import hf_ringcp
 from hf_ringcp.integrations.batch import SHARD_KEY, unshard_predictions
 from hf_ringcp.integrations.hf_attention import ring_attention_forward, ring_attention_mask
 from tests.distributed import run_ranks
+from tests.integrations.tiny import LLAMA_SHAPE
 from tests.ring.reference import rel_error
 
 TOLERANCE = 1e-5
 BF16_TOLERANCE = 3e-2
 VOCAB = 128
 SEQ = 32
-TINY = dict(
-    hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=VOCAB, max_position_embeddings=256,
-)
+TINY = dict(LLAMA_SHAPE, vocab_size=VOCAB)
 CONFIGS = {
     "llama": lambda **kw: LlamaConfig(**TINY, **kw),
     # Qwen2 passes `sliding_window` to the attention (None here: use_sliding_window=False).

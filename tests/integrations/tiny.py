@@ -8,19 +8,22 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import hf_ringcp  # noqa: F401  (registers "ring")
 
-CONFIG = LlamaConfig(
-    vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, use_cache=False,
-)
+#: The shape of the tests' tiny Llamas: two layers, grouped-query attention (4 query heads, 2 KV heads).
+LLAMA_SHAPE: dict[str, Any] = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=256)
+#: The Trainer and plugin tests' model (untied head, no KV cache).
+CONFIG = LlamaConfig(**{**LLAMA_SHAPE, "hidden_size": 32, "intermediate_size": 64}, vocab_size=96,
+                     tie_word_embeddings=False, use_cache=False)
 
 
 def tiny_lora_llama(attn: str, seed: int = 0, vocab_size: int | None = None) -> torch.nn.Module:
     """A 2-layer Llama with LoRA on all linear layers; identical weights for every ``attn`` and rank."""
+    from peft import LoraConfig, get_peft_model  # (here: importing peft costs the spawned ranks seconds)
+
     config = copy.deepcopy(CONFIG)
     config.vocab_size = vocab_size or config.vocab_size
     torch.manual_seed(seed)
