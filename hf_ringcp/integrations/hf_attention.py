@@ -91,12 +91,15 @@ def ring_attention_mask(
     if decoding_cache() is not None:
         return None  # hf_ringcp.generate's decode steps: the sharded cache knows each key's row and position
     ctx = get_context()
-    _FORWARD_MASK.mask = attention_mask  # its zeros are checked against the forward's cp_shard by the attention
+    _FORWARD_MASK.give(attention_mask)  # its zeros are checked against the forward's cp_shard by the attention
     if (ctx is None or not ctx.ring_active) and not is_shard_mask(attention_mask):
-        return sdpa_mask(
+        built = sdpa_mask(
             batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
             kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs,
         )
+        if built is not None:
+            _FORWARD_MASK.built.append(weakref.ref(built))  # weakly: nothing kept alive after the forward
+        return built
     config = kwargs.get("config")
     if mask_function is bidirectional_mask_function:
         _fail("bidirectional (non-causal) attention", _INSTEAD)
@@ -161,11 +164,24 @@ class _ForwardMask(threading.local):
     find ``None``.
     """
 
-    mask: torch.Tensor | None = None
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+        #: SDPA's masks the mask function built in this forward (outside context parallelism): for a copy of a
+        #: one-rank shard's mask, every layer drops them once the first found its padding to be the shard's.
+        self.built: list[weakref.ref[torch.Tensor]] = []
+        self._taken = True
+
+    def give(self, mask: torch.Tensor | None) -> None:
+        if self._taken:  # the first mask of a new forward
+            self.built, self._taken = [], False
+        self.mask = mask
 
     def take(self) -> torch.Tensor | None:
-        mask, self.mask = self.mask, None
+        mask, self.mask, self._taken = self.mask, None, True
         return mask
+
+    def built_here(self, mask: torch.Tensor) -> bool:
+        return any(ref() is mask for ref in self.built)
 
 
 _FORWARD_MASK = _ForwardMask()
@@ -367,9 +383,9 @@ def ring_attention_forward(
     if ctx is None or not ctx.ring_active:
         # A shard on one rank: its documents and padding need the ring's own kernels, not SDPA.
         ctx = _one_rank_context(ctx, info)
-        if given_mask is not None and attention_mask is not None:
+        if attention_mask is not None and _FORWARD_MASK.built_here(attention_mask):
             # A copy of the shard's mask (not marked): the mask function built SDPA's mask from it, which the
-            # shard's documents make redundant (its padding was just checked to be the shard's).
+            # shard's documents make redundant (the first layer checked its padding to be the shard's).
             attention_mask = None
     info = _check_supported(module, query, key, attention_mask, dropout, kwargs, ctx)
     if module.training:
