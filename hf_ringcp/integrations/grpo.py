@@ -150,6 +150,8 @@ class RingCPGRPOMixin(RingCPTrainerMixin):
             if not call_kwargs.get("fused_lm_head") or call_kwargs.get("labels") is None:
                 return None
             sharded = plugin.shard({k: call_kwargs[k] for k in _BATCH_KEYS if call_kwargs.get(k) is not None})
+            if module.training and torch.is_grad_enabled():  # the loss step's policy (not the old policy, reference)
+                self._ringcp_count_tokens(sharded)
             shards.append(sharded)
             return call_args, {**{k: v for k, v in call_kwargs.items() if k not in _BATCH_KEYS}, **sharded}
 

@@ -114,6 +114,9 @@ def test_grpo_trainer_under_context_parallelism_matches_one_process(loss_types: 
         assert len(ref["updates"]) > 0 and all(u.abs().max() > 0 for u in ref["updates"].values()), loss_type
         for rank, results in enumerate(per_rank):
             got = _values(results[loss_type]["history"])
+            # The throughput meter counts the loss step's policy scoring (the mixin's one token-counting rule).
+            train_logs = [h for h in results[loss_type]["history"] if "loss" in h]
+            assert train_logs and all(h["tokens_per_second"] > 0 for h in train_logs), (loss_type, rank, train_logs)
             for key, want in expected.items():
                 assert got[key] == pytest.approx(want, rel=1e-4, abs=1e-6), (loss_type, rank, key)
             for name, update in ref["updates"].items():  # -lr * (sum of the two steps' gradients)
