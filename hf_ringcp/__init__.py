@@ -27,6 +27,7 @@ from hf_ringcp.integrations import (
     register,
     shard_batch,
 )
+from hf_ringcp.integrations.logprobs import gather_tokens, sequence_log_probs, token_log_probs
 from hf_ringcp.integrations.memory import offload_to_cpu, tile_mlp
 from hf_ringcp.ring import (
     Layout,
@@ -63,6 +64,7 @@ __all__ = [
     "causal_lm_loss",
     "chunked_cross_entropy_sum",
     "context_parallel",
+    "gather_tokens",
     "generate",
     "get_context",
     "local_positions",
@@ -70,9 +72,11 @@ __all__ = [
     "prepare_model",
     "register",
     "ring_attention",
+    "sequence_log_probs",
     "shard_batch",
     "shard_sequence",
     "tile_mlp",
+    "token_log_probs",
     "unshard_sequence",
 ]
 

@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -72,7 +73,7 @@ def run_ranks(
     each, see ``tests/gpu/nccl.py``); return the results by rank, on the CPU."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     env = {"OMP_NUM_THREADS": "1", **(env or {})}
     procs = [
         ctx.Process(target=_entry, args=(fn, r, world_size, port, results, args, env, backend, init_timeout),

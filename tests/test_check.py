@@ -33,10 +33,10 @@ from hf_ringcp.check.report import format_text
 from hf_ringcp.check.spec import Tolerances
 from hf_ringcp.ring.p2p import P2PRing
 from tests.distributed import run_ranks
+from tests.integrations.tiny import LLAMA_SHAPE
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=128, max_position_embeddings=256)
+TINY = dict(LLAMA_SHAPE, vocab_size=128)
 # name -> (config, CheckSpec settings). Windows shorter than the sequence, so the windowed path runs.
 CASES = {
     "llama": (LlamaConfig(**TINY), dict(seq_len=48)),
@@ -146,12 +146,12 @@ def test_cli_passes_on_a_saved_config_and_prints_json(tmp_path: Path) -> None:
 
 def test_cli_under_torchrun_uses_its_ranks(tmp_path: Path) -> None:
     """The torchrun path: the launched ranks run the check (gloo on CPU) and rank 0 prints the one report."""
-    from tests.distributed import _free_port
+    from tests.distributed import free_port
 
     LlamaConfig(**TINY, tie_word_embeddings=False).save_pretrained(tmp_path)
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "hf_ringcp.check",
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "hf_ringcp.check",
          "--model", str(tmp_path), "--seq-len", "32", "--timeout", "120", "--json"],
         capture_output=True, text=True, timeout=240, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )

@@ -10,13 +10,14 @@ transformers (a few seconds): gloo, a ring attention forward/backward both ways,
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHES = 10
@@ -49,12 +50,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc (Linux)")
 def test_two_rank_runs_exit_cleanly_every_time(tmp_path) -> None:
     script = tmp_path / "short_run.py"
@@ -64,7 +59,7 @@ def test_two_rank_runs_exit_cleanly_every_time(tmp_path) -> None:
     failures = []
     for launch in range(LAUNCHES):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(_free_port()), str(script)]
+               "--master-port", str(free_port()), str(script)]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         if run.returncode != 0:
             failures.append(f"launch {launch}: exit code {run.returncode}\n{run.stderr[-2000:]}")

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-import weakref
 import zlib
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,6 +51,8 @@ _VERIFIED_KEYS = ("input_ids", "inputs_embeds", "labels", "shift_labels", "atten
                   "cu_seq_lens_q")
 _FINGERPRINT_DIMS = 3  # leading dimensions of each entry's shape in its fingerprint
 _FINGERPRINT_FEATURES = 16  # features per token of an entry with more than two dimensions (inputs_embeds)
+# The attribute that marks the `attention_mask` tensor shard_batch returns (see is_shard_mask).
+_SHARD_MASK_MARK = "_hf_ringcp_shard_mask"
 
 logger = logging.getLogger("hf_ringcp")
 _logged_padding = False
@@ -68,14 +70,18 @@ class ShardInfo:
             added padding; ``None`` when the rows are the batch's rows (only padded at the end).
         added: padding tokens added per row.
         position_check: a fingerprint of this rank's ``position_ids`` (catches a shard run on another rank).
+        mask: ``[rows, S_local]`` bool, the shard's ``attention_mask`` (True on real tokens), or ``None``. The
+            ``"ring"`` attention checks the padding mask its model was given against it: the zeros it accepts are
+            this shard's padding, which the documents keep unattended.
     """
 
-    __slots__ = ("added", "placement", "position_check", "rank", "rows", "source_index", "source_shape")
+    __slots__ = ("added", "mask", "placement", "position_check", "rank", "rows", "source_index", "source_shape")
 
     def __init__(self, placement: Placement, rank: int, rows: int, source_shape: tuple[int, int],
-                 source_index: torch.Tensor | None, added: int, position_check: tuple[int, int]) -> None:
+                 source_index: torch.Tensor | None, added: int, position_check: tuple[int, int],
+                 mask: torch.Tensor | None = None) -> None:
         self.placement, self.rank, self.rows, self.source_shape = placement, rank, rows, source_shape
-        self.source_index, self.added, self.position_check = source_index, added, position_check
+        self.source_index, self.added, self.position_check, self.mask = source_index, added, position_check, mask
 
     @property
     def layout(self) -> str:
@@ -364,6 +370,149 @@ def _pack(
     return packed, new_shifted, new_pos, bounds, source.unsqueeze(0), int((~real).sum())
 
 
+@dataclass
+class _FullBatch:
+    """A full batch between the stages of :func:`shard_batch` (``B`` rows of ``S`` tokens on ``device``)."""
+
+    b: int
+    s: int
+    device: torch.device
+    per_token: dict[str, torch.Tensor]  # every other [B, S, ...] tensor (input_ids or inputs_embeds among them)
+    others: dict[str, Any]  # entries passed through untouched
+    had_mask: bool  # an `attention_mask` was given (the shard then gets one too)
+    keep: torch.Tensor | None  # [B, S] bool: the real tokens; None when nothing is padding
+    positions: torch.Tensor | None  # [B, S] int64 position_ids as given (None: not given)
+    shifted: torch.Tensor | None  # [B, S] shift_labels (None: no labels)
+    cu: Any = None  # cu_seq_lens_q / _k as given (packed documents of one row)
+    cu_k: Any = None
+
+
+@dataclass
+class _LaidOut:
+    """The batch in the layout's rows: ``rows`` of ``seq_len`` tokens that split over the ranks."""
+
+    per_token: dict[str, torch.Tensor]  # [rows, seq_len, ...]
+    positions: torch.Tensor  # [rows, seq_len] RoPE positions
+    shifted: torch.Tensor | None  # [rows, seq_len]
+    rows: int
+    seq_len: int
+    documents: list[int] | None  # document bounds of the packed row (None: plain rows)
+    source: torch.Tensor | None  # [1, seq_len] flat index into B * S, -1 for padding (None: plain rows)
+    added: int  # padding tokens added per row
+
+
+def _read_entries(batch: Mapping[str, Any]) -> _FullBatch:
+    """Stage 1: check and normalise the entries (mask as bool, positions as int64, ``labels`` -> ``shift_labels``)."""
+    items = dict(batch.items())
+    seq = _sequence_tensor(items)
+    b, s = seq.shape[:2]
+    had_mask = items.get("attention_mask") is not None
+    keep = _padding_mask(items.pop("attention_mask", None), b, s)
+    positions = _positions(items.pop("position_ids", None), b, s, seq.device)
+    cu, cu_k = items.pop("cu_seq_lens_q", None), items.pop("cu_seq_lens_k", None)
+    for key in _PACKING_KEYS[2:]:
+        items.pop(key, None)
+    labels, shifted = items.pop("labels", None), items.pop("shift_labels", None)
+    if shifted is None and labels is not None:
+        shifted = shift_labels_of(_label_tensor("labels", labels, b, s))
+    if shifted is not None:
+        shifted = _label_tensor("shift_labels", shifted, b, s)
+    per_token = {k: v for k, v in items.items() if torch.is_tensor(v) and v.dim() >= 2 and tuple(v.shape[:2]) == (b, s)}
+    others = {k: v for k, v in items.items() if k not in per_token}
+    return _FullBatch(b, s, seq.device, per_token, others, had_mask, keep, positions, shifted, cu, cu_k)
+
+
+def _find_documents(full: _FullBatch) -> list[list[int]]:
+    """Stage 2: the documents of every row, as starts among the row's kept tokens (sets ``full.positions``)."""
+    b, s, device, keep = full.b, full.s, full.device, full.keep
+    if full.cu is not None:
+        if keep is not None:
+            raise ValueError("The batch has both `cu_seq_lens_q` (packed documents) and padding in `attention_mask`;"
+                             " pass one of them.")
+        cu_starts = _documents_from_cu(full.cu, full.cu_k, s, b)
+        from_cu = torch.cat([torch.arange(e - a, device=device) for a, e in zip(cu_starts, [*cu_starts[1:], s])])
+        if full.positions is not None and not torch.equal(full.positions[0], from_cu):
+            raise ValueError(
+                f"`cu_seq_lens_q` {[*cu_starts, s]} disagrees with `position_ids` (which restart at "
+                f"{_row_documents(full.positions[0], 0)}); fix the collator so both describe the same documents."
+            )
+        full.positions = from_cu[None]
+    if full.positions is None:
+        full.positions = torch.arange(s, device=device).expand(b, s)
+    return [_row_documents(full.positions[row] if keep is None else full.positions[row][keep[row]], row)
+            for row in range(b)]
+
+
+def _mask_targets(full: _FullBatch, starts_per_row: list[list[int]]) -> None:
+    """Stage 3: targets never cross a document boundary, nor come from or go to padding (on a copy of them)."""
+    if full.shifted is None:
+        return
+    keep = full.keep
+    shifted = full.shifted.clone()
+    if keep is not None:
+        nxt = F.pad(keep[:, 1:], (0, 1), value=False)
+        shifted[~keep | ~nxt] = IGNORE_INDEX
+    for row, starts in enumerate(starts_per_row):
+        kept = keep[row].nonzero().flatten() if keep is not None else None
+        for a in starts[1:]:
+            prev = int(kept[a - 1]) if kept is not None else a - 1
+            shifted[row, prev] = IGNORE_INDEX
+    full.shifted = shifted
+
+
+def _lay_out(full: _FullBatch, starts_per_row: list[list[int]], split: Layout, pad_to_multiple: bool,
+             pad_token_id: int) -> _LaidOut:
+    """Stage 4: plain rows padded at their end to the layout's divisor; anything else (padding, documents that
+    differ between rows) packed into one row of documents, each padded as the layout needs."""
+    b, s, keep = full.b, full.s, full.keep
+    if keep is None and all(len(st) == 1 for st in starts_per_row):
+        seq_len = split.padded_length(s) if pad_to_multiple else s
+        split.check_length(seq_len)
+        entries = {**full.per_token, "position_ids": full.positions, "shift_labels": full.shifted}
+        if seq_len != s:
+            entries = pad_batch_to_multiple(entries, seq_len, pad_token_id)
+        return _LaidOut({k: v for k, v in entries.items() if k in full.per_token}, entries["position_ids"],
+                        entries["shift_labels"], b, seq_len, None, None, seq_len - s)
+    if keep is None:
+        keep = torch.ones(b, s, dtype=torch.bool, device=full.device)
+    per_token, shifted, positions, bounds, source, added = _pack(
+        full.per_token, full.shifted, full.positions, keep, starts_per_row, split, pad_token_id,
+        int(full.positions.max()),
+    )
+    if not pad_to_multiple and added:
+        raise ValueError(
+            f"The packed documents need {added} padding token(s) to split over the ranks (layout={split.name!r} "
+            f"needs lengths divisible by {split.divisor_hint()}); leave pad_to_multiple on."
+        )
+    return _LaidOut(per_token, positions, shifted, 1, bounds[-1], bounds, source, added)
+
+
+def _split_for_rank(full: _FullBatch, laid: _LaidOut, split: Layout, rank: int) -> dict[str, Any]:
+    """Stage 5: this rank's tokens of every per-token entry, the :class:`ShardInfo` the attention needs and the
+    mask of the shard's real tokens."""
+    rows, seq_len, device = laid.rows, laid.seq_len, full.device
+    placement = split.placement(seq_len, laid.documents)
+    local = placement.positions(rank, device)
+    out: dict[str, Any] = {k: v.index_select(1, local) for k, v in laid.per_token.items()}
+    out.update(full.others)
+    out["position_ids"] = laid.positions.index_select(1, local).contiguous()
+    if laid.shifted is not None:
+        out["shift_labels"] = laid.shifted.index_select(1, local)
+    standard = laid.documents is None and laid.added == 0 and torch.equal(
+        laid.positions, torch.arange(seq_len, device=device).expand(rows, seq_len))
+    mask = None
+    if full.had_mask or not standard:
+        # The real tokens of the shard (counted by e.g. TRL's `num_tokens`); the ring keeps padding unattended.
+        real = (laid.source >= 0 if laid.source is not None
+                else torch.arange(seq_len, device=device).expand(rows, -1) < full.s)
+        mask = out["attention_mask"] = real.index_select(1, local).contiguous()
+        setattr(mask, _SHARD_MASK_MARK, True)
+    if not standard:
+        out[SHARD_KEY] = ShardInfo(placement, rank, rows, (full.b, full.s), laid.source, laid.added,
+                                   position_fingerprint(out["position_ids"]), mask)
+    return out
+
+
 def shard_batch(
     batch: Mapping[str, Any], group: dist.ProcessGroup | None = None, layout: str = "zigzag", *,
     pad_to_multiple: bool = True, pad_token_id: int = 0, verify_batch: bool = True,
@@ -413,114 +562,19 @@ def shard_batch(
         raise TypeError(f"`batch` must be a dict or BatchEncoding, but got {type(batch).__name__}.")
     rank, world = group_rank_and_size(group)
     split = Layout.for_name(layout, world)
-    items = dict(batch.items())
-    seq = _sequence_tensor(items)
-    b, s = seq.shape[:2]
-    device = seq.device
-
-    had_mask = items.get("attention_mask") is not None
-    keep = _padding_mask(items.pop("attention_mask", None), b, s)
-    given_pos = _positions(items.pop("position_ids", None), b, s, device)
-    cu, cu_k = items.pop("cu_seq_lens_q", None), items.pop("cu_seq_lens_k", None)
-    for key in _PACKING_KEYS[2:]:
-        items.pop(key, None)
-    labels, shifted = items.pop("labels", None), items.pop("shift_labels", None)
-    if shifted is None and labels is not None:
-        shifted = shift_labels_of(_label_tensor("labels", labels, b, s))
-    if shifted is not None:
-        shifted = _label_tensor("shift_labels", shifted, b, s)
-
-    # Documents of every row, as starts among the row's kept tokens.
-    if cu is not None:
-        if keep is not None:
-            raise ValueError("The batch has both `cu_seq_lens_q` (packed documents) and padding in `attention_mask`;"
-                             " pass one of them.")
-        cu_starts = _documents_from_cu(cu, cu_k, s, b)
-        from_cu = torch.cat([torch.arange(e - a, device=device) for a, e in zip(cu_starts, [*cu_starts[1:], s])])
-        if given_pos is not None and not torch.equal(given_pos[0], from_cu):
-            raise ValueError(
-                f"`cu_seq_lens_q` {[*cu_starts, s]} disagrees with `position_ids` (which restart at "
-                f"{_row_documents(given_pos[0], 0)}); fix the collator so both describe the same documents."
-            )
-        given_pos = from_cu[None]
-    positions = given_pos if given_pos is not None else torch.arange(s, device=device).expand(b, s)
-    starts_per_row = []
-    for row in range(b):
-        row_pos = positions[row] if keep is None else positions[row][keep[row]]
-        starts_per_row.append(_row_documents(row_pos, row))
-
-    # Targets never cross a document boundary, nor come from or go to padding.
-    if shifted is not None:
-        shifted = shifted.clone()
-        if keep is not None:
-            nxt = F.pad(keep[:, 1:], (0, 1), value=False)
-            shifted[~keep | ~nxt] = IGNORE_INDEX
-        for row, starts in enumerate(starts_per_row):
-            kept = keep[row].nonzero().flatten() if keep is not None else None
-            for a in starts[1:]:
-                prev = int(kept[a - 1]) if kept is not None else a - 1
-                shifted[row, prev] = IGNORE_INDEX
-
-    per_token = {k: v for k, v in items.items() if torch.is_tensor(v) and v.dim() >= 2 and tuple(v.shape[:2]) == (b, s)}
-    others = {k: v for k, v in items.items() if k not in per_token}
-    plain = keep is None and all(len(st) == 1 for st in starts_per_row)
-    if plain:
-        rows, seq_len = b, split.padded_length(s) if pad_to_multiple else s
-        split.check_length(seq_len)
-        documents, source, added = None, None, seq_len - s
-        padded = pad_batch_to_multiple({**per_token, "position_ids": positions, "shift_labels": shifted}, seq_len,
-                                       pad_token_id) if added else {**per_token, "position_ids": positions,
-                                                                    "shift_labels": shifted}
-        per_token = {k: v for k, v in padded.items() if k in per_token}
-        positions, shifted = padded["position_ids"], padded["shift_labels"]
-    else:
-        max_position = int(positions.max())
-        per_token, shifted, positions, bounds, source, added = _pack(
-            per_token, shifted, positions, keep if keep is not None else torch.ones(b, s, dtype=torch.bool,
-                                                                                  device=device),
-            starts_per_row, split, pad_token_id, max_position,
-        )
-        rows, seq_len = 1, bounds[-1]
-        documents = bounds
-        if not pad_to_multiple and added:
-            raise ValueError(
-                f"The packed documents need {added} padding token(s) to split over the ranks (layout={layout!r} "
-                f"needs lengths divisible by {split.divisor_hint()}); leave pad_to_multiple on."
-            )
-    _log_padding_once(added * rows, rows, seq_len)
-
-    placement = split.placement(seq_len, documents)
-    local = placement.positions(rank, device)
-    out: dict[str, Any] = {k: v.index_select(1, local) for k, v in per_token.items()}
-    out.update(others)
-    out["position_ids"] = positions.index_select(1, local).contiguous()
-    if shifted is not None:
-        out["shift_labels"] = shifted.index_select(1, local)
-    standard = documents is None and added == 0 and torch.equal(
-        positions, torch.arange(seq_len, device=device).expand(rows, seq_len))
-    if not standard:
-        out[SHARD_KEY] = ShardInfo(placement, rank, rows, (b, s), source, added,
-                                   position_fingerprint(out["position_ids"]))
-    if had_mask or not standard:
-        # The real tokens of the shard (counted by e.g. TRL's `num_tokens`); the ring keeps padding unattended.
-        real = source >= 0 if source is not None else torch.arange(seq_len, device=device).expand(rows, -1) < s
-        out["attention_mask"] = real.index_select(1, local).contiguous()
-        _SHARD_MASKS[id(out["attention_mask"])] = out["attention_mask"]
-    return out
+    full = _read_entries(batch)
+    starts_per_row = _find_documents(full)
+    _mask_targets(full, starts_per_row)
+    laid = _lay_out(full, starts_per_row, split, pad_to_multiple, pad_token_id)
+    _log_padding_once(laid.added * laid.rows, laid.rows, laid.seq_len)
+    return _split_for_rank(full, laid, split, rank)
 
 
-# The padding masks shard_batch emitted (by id, held weakly): the "ring" mask function accepts zeros in these only.
-_SHARD_MASKS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
-
-
-def is_shard_mask(mask: torch.Tensor) -> bool:
-    """Whether ``mask`` is (a copy of) a padding mask made by :func:`shard_batch`, whose padding the ring never
-    attends. Trainers move batches with ``.to(device)``, which may copy the mask; the shard still holds the
-    original, so an equal live mask counts."""
-    if _SHARD_MASKS.get(id(mask)) is mask:
-        return True
-    return any(m.shape == mask.shape and torch.equal(m.to(mask.device), mask.bool())
-               for m in list(_SHARD_MASKS.values()))
+def is_shard_mask(mask: Any) -> bool:
+    """Whether ``mask`` is the ``attention_mask`` tensor :func:`shard_batch` returned (marked on the tensor itself;
+    a copy, e.g. by ``.to(other_device)``, is not: the attention then checks it against the shard's
+    :attr:`ShardInfo.mask` by value)."""
+    return getattr(mask, _SHARD_MASK_MARK, False) is True
 
 
 # ----------------------------------------------------------------------------------------------- counting

@@ -26,6 +26,12 @@ Entries (what is used; where; checked with; what breaks if it moves):
 - TRL: ``SFTTrainer.compute_loss`` scores the shard's pre-shifted ``shift_labels`` (its fused head);
   ``DPOTrainer._compute_loss`` and ``GRPOTrainer._get_per_token_logps_and_entropies`` are replaced by the DPO /
   GRPO families' subclasses. trl 1.16. :func:`check_trl` refuses an older TRL.
+- TRL ``GRPOTrainer``'s private ``_get_per_token_logps_and_entropies`` (every scoring call, sharded),
+  ``_generate_single_turn`` (rollouts, broadcast over the CP group), ``_generate_and_score_completions`` (run with
+  ``self.accelerator`` seen per DP group) and its reads of ``self.accelerator`` (``gather``, ``reduce``,
+  ``process_index``, ``num_processes``) and ``args.generation_batch_size``/``steps_per_generation``
+  and `_calculate_rewards` (gathered over all processes; one copy per CP group kept) (:data:`GRPO_METHODS`,
+  :func:`check_grpo`). trl 1.16. If a method moves, the GRPO family refuses the trainer.
 - ``AttentionInterface._global_mapping`` (who owns ``"ring"``): :func:`attention_registry_entry`. transformers
   5.17-5.25. If it moves, registration cannot see another owner.
 - ``torch._C._current_graph_task_id()``: whether a backward (checkpoint recomputation) is running,
@@ -102,6 +108,23 @@ def check_trl(family: str) -> None:
         )
 
 
+#: ``GRPOTrainer``'s private methods the GRPO family overrides (trl 1.16; see the table above).
+GRPO_METHODS = ("_get_per_token_logps_and_entropies", "_generate_single_turn", "_generate_and_score_completions",
+                "_calculate_rewards")
+
+
+def check_grpo(cls: type) -> None:
+    """Refuse a ``GRPOTrainer`` class without the private methods the GRPO family overrides."""
+    missing = [name for name in GRPO_METHODS if not callable(getattr(cls, name, None))]
+    if missing:
+        import trl
+
+        raise RuntimeError(
+            f"RingCPCallback's GRPO support overrides GRPOTrainer.{', '.join(missing)}, which trl {trl.__version__} "
+            f"does not have (written against trl {MIN_TRL}-1.16): install a tested trl release."
+        )
+
+
 def attention_registry_entry(interface: Any, key: str) -> Any:
     """The function registered under ``key`` in transformers' global attention (or mask) registry, or ``None``."""
     return interface._global_mapping.get(key)
@@ -113,11 +136,13 @@ def in_backward() -> bool:
 
 
 __all__ = [
+    "GRPO_METHODS",
     "MIN_TRL",
     "TESTED_TRANSFORMERS",
     "TRAINER_CP_SEAM",
     "accumulation_steps",
     "attention_registry_entry",
+    "check_grpo",
     "check_transformers",
     "check_trl",
     "find_trainer",

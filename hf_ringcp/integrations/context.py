@@ -182,6 +182,22 @@ def context_parallel(
         _ACTIVE.pop(token)
 
 
+@contextmanager
+def without_context_parallel() -> Iterator[None]:
+    """Inside :func:`context_parallel`: one rank again, ``"ring"`` plain SDPA, until the block ends (e.g. for a
+    ``generate()`` on whole rows between two sharded loss steps, as TRL's GRPO rollouts)."""
+    active = get_context()
+    if active is None:
+        yield
+        return
+    token = _ACTIVE.push(RingContext(group=None, layout=active.layout, comm=active.comm, backend=active.backend,
+                                     rank=0, world_size=1))
+    try:
+        yield
+    finally:
+        _ACTIVE.pop(token)
+
+
 class _CallCounter:
     """How many times ``attn_implementation="ring"`` was called in this process (a lock-free counter read by
     :func:`hf_ringcp.prepare_model`'s decoder hooks to tell a model that never dispatched to it)."""

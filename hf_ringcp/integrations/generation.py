@@ -19,7 +19,6 @@ search and sampling give the same tokens on every rank.
 from __future__ import annotations
 
 import inspect
-import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +30,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hf_ringcp.integrations.batch import SHARD_KEY, shard_batch
 from hf_ringcp.integrations.context import context_parallel, get_context, resolve_group
+from hf_ringcp.integrations.decoding import decoding
+from hf_ringcp.integrations.hf_attention import check_ring_config
 from hf_ringcp.integrations.models import causal_lm, check_ring_model, prepare_model, unwrap
 from hf_ringcp.ring import local_positions
 from hf_ringcp.ring.decode import decode_attention
@@ -235,49 +236,6 @@ class ShardedCache(Cache):
     def local_tokens(self) -> int:
         """Real tokens cached on this rank (per layer: every layer holds the same tokens)."""
         return self.layers[0].local_tokens()
-
-
-# ------------------------------------------------------------------------------------------- the session
-
-class _Active(threading.local):
-    """Per thread: generate() and the forwards it drives run in the calling thread, and another thread's
-    ``"ring"`` forwards (training, a second generate) must not be taken for its decode steps."""
-
-    def __init__(self) -> None:
-        self.caches: list[ShardedCache] = []
-
-
-_ACTIVE = _Active()
-
-
-def decoding_cache() -> ShardedCache | None:
-    """The :class:`ShardedCache` whose decode steps are running in this thread (inside :func:`generate`), or
-    ``None``."""
-    return _ACTIVE.caches[-1] if _ACTIVE.caches else None
-
-
-@contextmanager
-def _decoding(cache: ShardedCache) -> Iterator[None]:
-    _ACTIVE.caches.append(cache)
-    try:
-        yield
-    finally:
-        _ACTIVE.caches.remove(cache)
-
-
-def decode_step(module: torch.nn.Module, query: torch.Tensor, scale: float | None, kwargs: dict[str, Any],
-                window: int | None) -> torch.Tensor:
-    """The ``"ring"`` attention of one layer during :func:`generate`'s decode steps -> ``[B, L, Hq, D]``."""
-    cache = decoding_cache()
-    layer_idx = getattr(module, "layer_idx", None)
-    if layer_idx is None:
-        raise ValueError(f"hf_ringcp.generate needs attention modules with a `layer_idx`; {type(module).__name__} "
-                         "has none.")
-    positions = kwargs.get("position_ids")
-    if positions is None:
-        raise ValueError("hf_ringcp.generate: this model does not pass `position_ids` to its attention function, "
-                         "so the decode step cannot tell the new tokens' positions.")
-    return cache.layers[layer_idx].attend(query, positions, window, scale)
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -498,8 +456,6 @@ def generate(
                              "would return the same sequence each time).")
         prepare_model(model)
         config = unwrap(model, through_peft=True).config.get_text_config(decoder=True)
-        from hf_ringcp.integrations.hf_attention import check_ring_config
-
         check_ring_config(config)  # also when the prompt is one token and no prefill (nor its mask function) runs
     except ValueError as err:
         error = err
@@ -532,6 +488,6 @@ def generate(
             _prefill_forward(model, {"input_ids": input_ids[:1, -1:], "use_cache": False}, through_root=True)
         for layer in cache.layers:
             layer.length = columns
-        with _decoding(cache):
+        with decoding(cache):
             generate_kwargs["use_cache"] = True
             return model.generate(input_ids, attention_mask=mask, **{cache_arg: cache}, **generate_kwargs)

@@ -8,9 +8,10 @@ Two functions are registered under the key ``"ring"`` (nothing in transformers i
 Outside :func:`~hf_ringcp.context_parallel` (or with one rank) both delegate to Transformers' own SDPA
 functions, so ``"ring"`` is exactly ``"sdpa"`` there (evaluation, ``generate()``). Inside, the mask function
 never builds an ``L x L`` mask: it returns ``None`` and raises for anything the ring cannot honour (custom mask
-overlays, chunked or bidirectional attention); the attention function checks the rest (soft-capping, dropout,
-non-causal layers, position ids) and runs :func:`hf_ringcp.ring_attention` with the documents of the batch
-(from :func:`hf_ringcp.shard_batch`'s ``cp_shard`` entry) and the layer's sliding window.
+overlays, chunked or bidirectional attention); the attention function checks the rest (padding against the
+batch's ``cp_shard``, soft-capping, dropout, non-causal layers, position ids) and runs
+:func:`hf_ringcp.ring_attention` with the documents of the batch (from :func:`hf_ringcp.shard_batch`'s
+``cp_shard`` entry) and the layer's sliding window.
 """
 
 from __future__ import annotations
@@ -32,10 +33,9 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
-# The module, not its names: importing hf_ringcp.integrations.generation first imports this one halfway.
-from hf_ringcp.integrations import generation as _generation
 from hf_ringcp.integrations.batch import SHARD_KEY, ShardInfo, is_shard_mask, position_fingerprint
 from hf_ringcp.integrations.context import RING_CALLS, RingContext, get_context, make_context
+from hf_ringcp.integrations.decoding import decode_step, decoding_cache
 from hf_ringcp.integrations.models import needs_preparation
 from hf_ringcp.ring import local_positions, ring_attention
 from hf_ringcp.ring.group import group_rank_and_size
@@ -81,25 +81,25 @@ def ring_attention_mask(
 
     Inside :func:`~hf_ringcp.context_parallel` the model's tensors hold a rank's share of the sequence, so a
     mask over local indices would be wrong; the causal, document and window structure over *global* positions is
-    applied by the ring itself. ``attention_mask`` is the 2-D ``[B, kv_length]`` padding mask: all ones, or the
-    mask :func:`hf_ringcp.shard_batch` made (its padding is never attended), is accepted; other zeros mean the
-    batch did not go through :func:`hf_ringcp.shard_batch` (which turns padding into packed documents) and
-    raise, as do mask overlays (``or_mask_function``/``and_mask_function``), chunked attention and bidirectional
-    masks.
+    applied by the ring itself. ``attention_mask`` is the 2-D ``[B, kv_length]`` padding mask; it is handed to
+    the forward's first attention layer, which accepts zeros only as the padding of the ``cp_shard`` that came
+    with it (:func:`hf_ringcp.shard_batch` turns padding into packed documents, whose padding is never attended).
+    Mask overlays (``or_mask_function``/``and_mask_function``), chunked attention and bidirectional masks raise.
+    Outside context parallelism the mask :func:`hf_ringcp.shard_batch` returned (a shard on one rank) takes the
+    ring path too: its documents need the ring's kernels.
     """
-    if _generation.decoding_cache() is not None:
+    if decoding_cache() is not None:
         return None  # hf_ringcp.generate's decode steps: the sharded cache knows each key's row and position
     ctx = get_context()
-    from_shard = attention_mask is not None and is_shard_mask(attention_mask)
-    if from_shard and not bool(attention_mask.all()):
-        _PADDED_SHARD.seen = True  # its cp_shard must reach the attention too (checked there)
-    if (ctx is None or not ctx.ring_active) and not from_shard:
-        return sdpa_mask(
+    _FORWARD_MASK.give(attention_mask)  # its zeros are checked against the forward's cp_shard by the attention
+    if (ctx is None or not ctx.ring_active) and not is_shard_mask(attention_mask):
+        built = sdpa_mask(
             batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
             kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs,
         )
-    if attention_mask is not None and not bool(attention_mask.all()) and not from_shard:
-        _fail("an `attention_mask` with padding (zeros) given to the model", _SHARD)
+        if built is not None:
+            _FORWARD_MASK.built.append(weakref.ref(built))  # weakly: nothing kept alive after the forward
+        return built
     config = kwargs.get("config")
     if mask_function is bidirectional_mask_function:
         _fail("bidirectional (non-causal) attention", _INSTEAD)
@@ -154,13 +154,51 @@ class _PositionCheckCache:
 _POSITIONS_OK = _PositionCheckCache()
 
 
-class _PaddedShardFlag(threading.local):
-    """Set by the mask function when a padded shard's mask enters a forward; its ``cp_shard`` must follow."""
+class _ForwardMask(threading.local):
+    """The hand-over from the mask function to the attention of the same forward (in this thread).
 
-    seen = False
+    Transformers gives the mask function the model's 2-D padding mask and the attention function the model's
+    kwargs (``cp_shard`` among them), never both to one function; the ring path returns no mask, so the first
+    attention layer of the forward takes the 2-D mask from here and checks its zeros against its ``cp_shard``
+    (:func:`_check_padding`). Taken once per forward: the later layers, and a recomputation in the backward,
+    find ``None``.
+    """
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+        #: SDPA's masks the mask function built in this forward (outside context parallelism): for a copy of a
+        #: one-rank shard's mask, every layer drops them once the first found its padding to be the shard's.
+        self.built: list[weakref.ref[torch.Tensor]] = []
+        self._taken = True
+
+    def give(self, mask: torch.Tensor | None) -> None:
+        if self._taken:  # the first mask of a new forward
+            self.built, self._taken = [], False
+        self.mask = mask
+
+    def take(self) -> torch.Tensor | None:
+        mask, self.mask, self._taken = self.mask, None, True
+        return mask
+
+    def built_here(self, mask: torch.Tensor) -> bool:
+        return any(ref() is mask for ref in self.built)
 
 
-_PADDED_SHARD = _PaddedShardFlag()
+_FORWARD_MASK = _ForwardMask()
+
+
+def _check_padding(mask: torch.Tensor | None, info: ShardInfo | None) -> None:
+    """Zeros in the model's ``attention_mask`` are accepted only as the padding of the ``cp_shard`` that came with
+    it (the documents keep it unattended); anything else would be attended as real tokens."""
+    if mask is None or (info is not None and mask is info.mask) or bool(mask.all()):
+        return
+    if info is None:
+        _fail("an `attention_mask` with padding (zeros) given to the model without the `cp_shard` entry that "
+              "hf_ringcp.shard_batch returns with it", _SHARD)
+    if info.mask is None or tuple(mask.shape) != tuple(info.mask.shape) or not torch.equal(
+            mask, info.mask.to(mask.device)):
+        _fail("an `attention_mask` whose padding is not that of the batch's `cp_shard` (the mask "
+              "hf_ringcp.shard_batch returned with it)", _SHARD)
 
 
 def _brief(values: list[int]) -> str:
@@ -328,22 +366,27 @@ def ring_attention_forward(
         window), across the ranks of the active group.
     """
     RING_CALLS.record()
-    if _generation.decoding_cache() is not None:
+    if decoding_cache() is not None:
         _check_scores(kwargs)
-        return _generation.decode_step(module, query, scaling, kwargs, _window_of(module, kwargs)), None
+        return decode_step(module, query, scaling, kwargs, _window_of(module, kwargs)), None
     ctx = get_context()
     info = kwargs.get(SHARD_KEY)
-    padded_shard, _PADDED_SHARD.seen = _PADDED_SHARD.seen, False
-    if info is None and padded_shard:
-        _fail("a batch from hf_ringcp.shard_batch given to the model without its `cp_shard` entry (its documents "
-              "and padding)", "pass the whole output of shard_batch to the model")
+    given_mask = _FORWARD_MASK.take()
     if (ctx is None or not ctx.ring_active) and info is None:
+        if is_shard_mask(given_mask):
+            _check_padding(given_mask, None)  # a padded shard without its cp_shard: SDPA would attend the padding
         _RECOMPUTE.check_fallback(module)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if info is None or isinstance(info, ShardInfo):  # (another type is refused by _check_supported)
+        _check_padding(given_mask, info)
     if ctx is None or not ctx.ring_active:
         # A shard on one rank: its documents and padding need the ring's own kernels, not SDPA.
         ctx = _one_rank_context(ctx, info)
+        if attention_mask is not None and _FORWARD_MASK.built_here(attention_mask):
+            # A copy of the shard's mask (not marked): the mask function built SDPA's mask from it, which the
+            # shard's documents make redundant (the first layer checked its padding to be the shard's).
+            attention_mask = None
     info = _check_supported(module, query, key, attention_mask, dropout, kwargs, ctx)
     if module.training:
         _RECOMPUTE.armed = True

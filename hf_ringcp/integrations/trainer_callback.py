@@ -181,7 +181,8 @@ class RingCPCallback(TrainerCallback):
         """``include_num_input_tokens_seen``: the Trainer sums the batch's tokens over all ranks, and every rank of a
         CP group holds the same full batch, so what it added since the last event is ``cp_size`` times the tokens."""
         added = state.num_input_tokens_seen - self._tokens_counted
-        state.num_input_tokens_seen = self._tokens_counted + added // self.plugin.cp_size
+        if getattr(self.trainer, "_ringcp_tokens_counted_per_rank", True):
+            state.num_input_tokens_seen = self._tokens_counted + added // self.plugin.cp_size
         self._tokens_counted = state.num_input_tokens_seen
 
     def on_train_end(self, args, state, control, **kwargs):

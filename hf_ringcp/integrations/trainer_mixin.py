@@ -55,6 +55,13 @@ def _owner(cls: type, name: str) -> type | None:
     return next((k for k in cls.__mro__ if not _own(k) and name in vars(k)), None)
 
 
+def _class_value(cls: type, name: str, default: Any = None) -> Any:
+    """The class attribute ``name`` of the trainer's own classes (e.g. TRL's ``loss_is_scaled_for_ga = True``),
+    which the mixin's property of the same name would otherwise hide."""
+    owner = _owner(cls, name)
+    return default if owner is None else vars(owner)[name]
+
+
 def label_smoothing_of(trainer: Any) -> float:
     """The epsilon of the Trainer's own ``LabelSmoother`` (``label_smoothing_factor``), 0.0 without one."""
     smoother = getattr(trainer, "label_smoother", None)
@@ -83,6 +90,9 @@ class RingCPTrainerMixin:
 
     #: Whether this family shards whole batches at the Trainer's CP hand-over and counts ``N`` over labels.
     _ringcp_shards_batches = True
+    #: Whether ``state.num_input_tokens_seen`` grows by every rank's copy of the batch (the Trainer's own count),
+    #: so the callback counts a CP group's tokens once; a family whose trainer counts per DP group says False.
+    _ringcp_tokens_counted_per_rank = True
 
     # ------------------------------------------------------------------------------------------- state
 
@@ -107,7 +117,8 @@ class RingCPTrainerMixin:
     # Trainer.__init__ stores stay in the instance's dict and the instance itself is not changed.
     @property
     def loss_is_scaled_for_ga(self) -> bool | None:
-        return True if self._ringcp_chunked_loss() else self.__dict__.get("loss_is_scaled_for_ga")
+        return True if self._ringcp_chunked_loss() else self.__dict__.get(
+            "loss_is_scaled_for_ga", _class_value(type(self), "loss_is_scaled_for_ga"))
 
     @loss_is_scaled_for_ga.setter
     def loss_is_scaled_for_ga(self, value: bool | None) -> None:
@@ -115,7 +126,8 @@ class RingCPTrainerMixin:
 
     @property
     def model_accepts_loss_kwargs(self) -> bool:
-        return True if self._ringcp_chunked_loss() else self.__dict__.get("model_accepts_loss_kwargs", False)
+        return True if self._ringcp_chunked_loss() else self.__dict__.get(
+            "model_accepts_loss_kwargs", _class_value(type(self), "model_accepts_loss_kwargs", False))
 
     @model_accepts_loss_kwargs.setter
     def model_accepts_loss_kwargs(self, value: bool) -> None:

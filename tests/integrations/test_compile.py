@@ -69,15 +69,10 @@ def test_compiled_ring_model_matches_eager_with_bounded_graph_breaks() -> None:
 
 
 def _trainer(attn: str, output_dir: str, callbacks: list, compile_: bool) -> list[float]:
-    from transformers import Trainer
+    from tests.integrations.tiny import logged_losses, train_tiny
 
-    from tests.integrations.test_trainer_callback import _args, _samples
-
-    trainer = Trainer(model=_model(attn), args=_args(output_dir, torch_compile=compile_, max_steps=2,
-                                                      gradient_accumulation_steps=1),
-                      train_dataset=_samples(8, seed=1), callbacks=callbacks)
-    trainer.train()
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return logged_losses(train_tiny(_model(attn), output_dir, callbacks, n_train=8, torch_compile=compile_,
+                                    max_steps=2, gradient_accumulation_steps=1))
 
 
 def _ring_trainer(rank: int, world: int, output_dir: str) -> list[float]:

@@ -13,29 +13,19 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
-from tests.integrations.test_trainer_callback import _args, _samples
-from tests.integrations.tiny import CONFIG, tiny_lora_llama, token_samples
+from tests.integrations.tiny import CONFIG, logged_losses, tiny_lora_llama, token_samples, train_tiny
 
 WORLD, CP = 4, 2
 
 
-def _fsdp_args(output_dir: str, **overrides):
-    return _args(output_dir, fsdp="full_shard", fsdp_config={"fsdp_version": 2}, max_steps=4, save_strategy="steps",
-                 save_steps=2, gradient_checkpointing=True,
-                 gradient_checkpointing_kwargs={"use_reentrant": False}, **overrides)
+_FSDP = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2}, save_strategy="steps", save_steps=2)
 
 
 def _trainer(attn: str, output_dir: str, callbacks: list, batch_size: int, fsdp: bool, resume: str | None = None):
-    from transformers import Trainer
-
-    args = (_fsdp_args(output_dir, per_device_train_batch_size=batch_size) if fsdp else
-            _args(output_dir, per_device_train_batch_size=batch_size, max_steps=4, save_strategy="no",
-                  gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}))
-    trainer = Trainer(model=tiny_lora_llama(attn), args=args, train_dataset=_samples(16, seed=1),
-                      eval_dataset=_samples(4, seed=2), callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=resume)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return losses, trainer.evaluate()["eval_loss"]
+    trainer = train_tiny(tiny_lora_llama(attn), output_dir, callbacks, n_train=16, n_eval=4, resume=resume,
+                         per_device_train_batch_size=batch_size, max_steps=4, gradient_checkpointing=True,
+                         gradient_checkpointing_kwargs={"use_reentrant": False}, **(_FSDP if fsdp else {}))
+    return logged_losses(trainer), trainer.evaluate()["eval_loss"]
 
 
 def _ring_trainer(rank: int, world: int, output_dir: str) -> dict:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
+from tests.integrations.tiny import LLAMA_SHAPE
 
 NEW = 6
 
@@ -20,8 +21,7 @@ NEW = 6
 def _config(window: int | None = None):
     from transformers import LlamaConfig, MistralConfig
 
-    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+    common = dict(LLAMA_SHAPE, vocab_size=97, max_position_embeddings=512, tie_word_embeddings=False,
                   initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=0)
     # A large initializer range: peaked logits, so greedy decoding has no near-ties to flip on rounding.
     return MistralConfig(sliding_window=window, **common) if window else LlamaConfig(**common)
@@ -149,10 +149,10 @@ def test_the_decode_switch_is_per_thread() -> None:
     """Another thread's "ring" forwards (training, a second generate) are not taken for this one's decode steps."""
     import threading
 
-    from hf_ringcp.integrations.generation import _decoding, decoding_cache
+    from hf_ringcp.integrations.decoding import decoding, decoding_cache
 
     cache, seen = object(), []
-    with _decoding(cache):
+    with decoding(cache):
         other = threading.Thread(target=lambda: seen.append(decoding_cache()))
         other.start()
         other.join()

@@ -29,16 +29,14 @@ import hf_ringcp
 from hf_ringcp.integrations.batch import SHARD_KEY, unshard_predictions
 from hf_ringcp.integrations.hf_attention import ring_attention_forward, ring_attention_mask
 from tests.distributed import run_ranks
+from tests.integrations.tiny import LLAMA_SHAPE
 from tests.ring.reference import rel_error
 
 TOLERANCE = 1e-5
 BF16_TOLERANCE = 3e-2
 VOCAB = 128
 SEQ = 32
-TINY = dict(
-    hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=VOCAB, max_position_embeddings=256,
-)
+TINY = dict(LLAMA_SHAPE, vocab_size=VOCAB)
 CONFIGS = {
     "llama": lambda **kw: LlamaConfig(**TINY, **kw),
     # Qwen2 passes `sliding_window` to the attention (None here: use_sliding_window=False).
@@ -314,3 +312,27 @@ def test_register_never_overwrites_another_backend() -> None:
         assert AttentionInterface._global_mapping["ring"] is foreign
     finally:
         AttentionInterface.register("ring", ring_attention_forward)
+
+
+def test_padding_is_accepted_only_as_the_padding_of_its_cp_shard() -> None:
+    """The mask -> attention hand-over: zeros in the model's mask must be the padding of the ``cp_shard`` that came
+    with it (the mask itself or an equal copy); one process, a shard of one rank."""
+    from hf_ringcp.integrations.batch import is_shard_mask
+
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding: shard_batch packs the two rows into documents
+    shard = hf_ringcp.shard_batch({"input_ids": ids, "attention_mask": mask})
+    model = tiny_model("llama", "ring").eval()
+    with torch.no_grad():
+        logits = model(**shard, use_cache=False).logits
+        copied = shard["attention_mask"].clone()  # e.g. moved to another device: not the marked tensor
+        assert is_shard_mask(shard["attention_mask"]) and not is_shard_mask(copied)
+        assert torch.equal(model(**{**shard, "attention_mask": copied}, use_cache=False).logits, logits)
+        other = copied.clone()
+        other[0, 0] = False
+        with pytest.raises(ValueError, match=r"padding is not that of the batch's `cp_shard`.*shard_batch"):
+            model(**{**shard, "attention_mask": other}, use_cache=False)
+        without = {k: v for k, v in shard.items() if k != SHARD_KEY}
+        with pytest.raises(ValueError, match=r"`attention_mask` with padding.*without the `cp_shard`"):
+            model(**without, use_cache=False)

@@ -12,13 +12,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_ringcp
 from hf_ringcp.integrations.memory import offload_to_cpu, pinned_pieces, tile_mlp
+from tests.integrations.tiny import LLAMA_SHAPE
 from tests.ring.reference import rel_error
 
 B, S, H, INTER, V, LAYERS = 2, 40, 32, 72, 96, 3
-CONFIG = LlamaConfig(
-    vocab_size=V, hidden_size=H, intermediate_size=INTER, num_hidden_layers=LAYERS, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, use_cache=False,
-)
+CONFIG = LlamaConfig(**{**LLAMA_SHAPE, "hidden_size": H, "intermediate_size": INTER, "num_hidden_layers": LAYERS},
+                     vocab_size=V, tie_word_embeddings=False, use_cache=False)
 
 
 def _model(checkpointing: bool = True) -> torch.nn.Module:

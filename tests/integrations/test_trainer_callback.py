@@ -10,35 +10,16 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from hf_ringcp.integrations.trainer_callback import RingCPCallback
 from tests.distributed import run_ranks
-from tests.integrations.tiny import tiny_lora_llama, token_samples
-
-SEQ = 16
-
-
-def _samples(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    return [{"input_ids": s["input_ids"], "labels": s["labels"]} for s in token_samples(n, SEQ, seed)]
-
-
-def _args(output_dir: str, **overrides) -> TrainingArguments:
-    base = dict(
-        output_dir=output_dir, per_device_train_batch_size=1, per_device_eval_batch_size=1, max_steps=3,
-        gradient_accumulation_steps=2, learning_rate=1e-2, logging_steps=1, use_cpu=True, report_to=[],
-        save_strategy="no", seed=7, disable_tqdm=True, dataloader_num_workers=0,
-    )
-    return TrainingArguments(**{**base, **overrides})
+from tests.integrations.tiny import samples, tiny_lora_llama, train_tiny, trainer_args
 
 
 def _train(attn: str, output_dir: str, callbacks: list, batch_size: int) -> tuple[list[dict], dict]:
-    model = tiny_lora_llama(attn)
-    trainer = Trainer(
-        model=model, args=_args(output_dir, per_device_train_batch_size=batch_size),
-        train_dataset=_samples(12, seed=1), eval_dataset=_samples(4, seed=2), callbacks=callbacks,
-    )
-    trainer.train()
+    trainer = train_tiny(tiny_lora_llama(attn), output_dir, callbacks, n_train=12, n_eval=4,
+                         per_device_train_batch_size=batch_size)
     metrics = trainer.evaluate()
     return trainer.state.log_history, metrics
 
@@ -67,7 +48,7 @@ def test_trainer_losses_match_single_process(cp: int, tmp_path) -> None:
 
 def _trainer_with_sdpa_model(rank: int, world: int) -> str:
     with tempfile.TemporaryDirectory() as d, pytest.raises(ValueError, match="attn_implementation='ring'") as info:
-        Trainer(model=tiny_lora_llama("sdpa"), args=_args(d), train_dataset=_samples(2, 0),
+        Trainer(model=tiny_lora_llama("sdpa"), args=trainer_args(d), train_dataset=samples(2, 0),
                 callbacks=[RingCPCallback(cp_size=2)])
     return str(info.value)
 
@@ -111,8 +92,9 @@ def _train_real(attn: str, output_dir: str, callbacks: list, collator: str) -> d
     model = tiny_lora_llama(attn)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     padded = collator == "padding"
-    args = _args(output_dir, per_device_train_batch_size=3, per_device_eval_batch_size=2, gradient_accumulation_steps=2,
-                 max_steps=3, eval_strategy="steps" if padded else "no", eval_steps=2, remove_unused_columns=False)
+    args = trainer_args(output_dir, per_device_train_batch_size=3, per_device_eval_batch_size=2,
+                        gradient_accumulation_steps=2, max_steps=3, eval_strategy="steps" if padded else "no",
+                        eval_steps=2, remove_unused_columns=False)
     trainer = Trainer(model=model, args=args, train_dataset=_documents(18, seed=3), eval_dataset=_documents(5, seed=4),
                       data_collator=_collators()[collator], callbacks=callbacks,
                       compute_metrics=_metrics if padded else None)
@@ -161,22 +143,22 @@ def _misuse(rank: int, world: int, output_dir: str) -> dict[str, str]:
     from hf_ringcp import ContextParallelPlugin
 
     messages = {}
-    trainer = Trainer(model=tiny_lora_llama("ring"), args=_args(output_dir), train_dataset=_samples(4, 0))
+    trainer = Trainer(model=tiny_lora_llama("ring"), args=trainer_args(output_dir), train_dataset=samples(4, 0))
     trainer.add_callback(RingCPCallback(cp_size=2))
     with pytest.raises(RuntimeError, match=r"passed to the Trainer at construction") as info:
         trainer.train()
     messages["add_callback"] = str(info.value)
 
-    unlabelled = [{"input_ids": s["input_ids"]} for s in _samples(4, 0)]
-    trainer = Trainer(model=tiny_lora_llama("ring"), args=_args(output_dir), train_dataset=unlabelled,
+    unlabelled = [{"input_ids": s["input_ids"]} for s in samples(4, 0)]
+    trainer = Trainer(model=tiny_lora_llama("ring"), args=trainer_args(output_dir), train_dataset=unlabelled,
                       callbacks=[RingCPCallback(cp_size=2)])
     with pytest.raises(ValueError, match=r"no `labels`.*DataCollatorForLanguageModeling") as info:
         trainer.train()
     messages["labels"] = str(info.value)
 
     with pytest.raises(ValueError, match=r"Accelerate sees 1 process.*use_cpu=True") as info:
-        Trainer(model=tiny_lora_llama("ring"), args=_args(output_dir, use_cpu=False), train_dataset=_samples(4, 0),
-                callbacks=[RingCPCallback(cp_size=2)])
+        Trainer(model=tiny_lora_llama("ring"), args=trainer_args(output_dir, use_cpu=False),
+                train_dataset=samples(4, 0), callbacks=[RingCPCallback(cp_size=2)])
     messages["use_cpu"] = str(info.value)
     with pytest.raises(ValueError, match=r"Accelerator\(cpu=True\)"):
         ContextParallelPlugin(cp_size=2).prepare(Accelerator(), tiny_lora_llama("ring"))
@@ -196,7 +178,7 @@ def test_transformers_version_check_is_honest(monkeypatch) -> None:
     from hf_ringcp.constraints import pins
     from hf_ringcp.integrations.trainer_callback import TESTED_TRANSFORMERS, check_trainer_api
 
-    trainer = Trainer(model=tiny_lora_llama("sdpa"), args=_args(tempfile.mkdtemp()))
+    trainer = Trainer(model=tiny_lora_llama("sdpa"), args=trainer_args(tempfile.mkdtemp()))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_trainer_api(trainer)  # the installed release is one the callback claims (and CI tests)

@@ -7,8 +7,9 @@ from transformers import Trainer
 
 from hf_ringcp import RingCPCallback, RingCPTrainerMixin
 from hf_ringcp.integrations.trainer_mixin import SUPPORTED, family_mixin
-from tests.integrations.test_trainer_callback import _args, _samples
+from tests.integrations.tiny import samples as _samples
 from tests.integrations.tiny import tiny_lora_llama
+from tests.integrations.tiny import trainer_args as _args
 
 _TRAINER_METHODS = ("compute_loss", "get_batch_samples", "prediction_step", "evaluation_loop", "log",
                     "training_step", "_prepare_context_parallel_inputs")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from recipes.config import load_recipe, parse_overrides
+from tests.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -23,16 +23,10 @@ TINY = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(output_dir: Path, *overrides: str) -> dict:
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(ROOT / "recipes/accelerate/cpu_gloo_2proc.yaml"), "--main_process_port", str(_free_port()),
+        str(ROOT / "recipes/accelerate/cpu_gloo_2proc.yaml"), "--main_process_port", str(free_port()),
         str(ROOT / "recipes/train_lora.py"), *TINY, "--output_dir", str(output_dir), *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
