@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import env_info, write_results
 from benchmarks.packing import DISTRIBUTIONS, REFERENCE_LEN, document_lengths, pack
-from benchmarks.ring_sim import Ranks, _inputs, _kernels, run_rank
+from benchmarks.ring_sim import Ranks, _inputs, _kernels, packed_ranks, run_rank
 from hf_ringcp.ring.kernels import default_scale
 from hf_ringcp.ring.layout import LAYOUTS
 
@@ -93,13 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = []
     for layout in args.layouts:
         placed = pack(lengths, layout, args.world)
-        index = placed.real_index(device)
-        padded = []
-        for x in (q, k, v, dout):
-            mem = torch.zeros(1, placed.seq_len, x.shape[1], d, dtype=x.dtype, device=device)
-            mem[:, index] = x.transpose(1, 2)
-            padded.append(mem.transpose(1, 2))
-        ranks = Ranks(*padded, layout, args.world, cu_seqlens=placed.cu_seqlens)
+        ranks = packed_ranks((q, k, v, dout), placed, placed.real_index(device))
         for comm in args.comms:
             text = profile_config(ranks, comm, args.backend, default_scale(d), args.iters, args.top)
             head = f"## {args.dist} {total} P={args.world} {args.backend} {layout} {comm}"

@@ -130,6 +130,17 @@ class Ranks:
         raise ValueError(f"unknown comm {comm!r}")
 
 
+def packed_ranks(qkvo: tuple[torch.Tensor, ...], placed, index: torch.Tensor) -> Ranks:
+    """The ranks of a packed row (``benchmarks.packing.PackedRow``) from ``q, k, v, dout`` ``[B, H, S, D]`` over
+    its real tokens: the ring's row holds them at ``index`` and zeros on the padding (which feeds no loss)."""
+    padded = []
+    for x in qkvo:
+        mem = torch.zeros(x.shape[0], placed.seq_len, x.shape[1], x.shape[3], dtype=x.dtype, device=x.device)
+        mem[:, index] = x.transpose(1, 2)
+        padded.append(mem.transpose(1, 2))
+    return Ranks(*padded, placed.layout, placed.world, cu_seqlens=placed.cu_seqlens)
+
+
 def run_rank(ranks: Ranks, r: int, variant: Variant):
     """Rank ``r``'s forward and backward exactly as the ring runs them; returns ``(out, lse, dq)``."""
     q, k, v, dout = ranks.q[r], ranks.k[r], ranks.v[r], ranks.dout[r]
@@ -447,14 +458,7 @@ def packed_rows(args, device: str, info_print) -> list[dict]:
                     placed = pack(lengths, layout, p)
                     row.update(S_row=placed.seq_len, pad=placed.padding)
                     index = placed.real_index(device)
-                    # The ring's row: the real tokens at their places, zeros on the padding (which feeds no loss).
-                    padded = []
-                    for x in (q, k, v, dout):
-                        mem = torch.zeros(b, placed.seq_len, x.shape[1], d, dtype=x.dtype, device=device)
-                        mem[:, index] = x.transpose(1, 2)
-                        padded.append(mem.transpose(1, 2))
-                    ranks = Ranks(*padded, layout, p, cu_seqlens=placed.cu_seqlens)
-                    padded = None
+                    ranks = packed_ranks((q, k, v, dout), placed, index)
                 except Exception as e:
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                     rows.append(row)
