@@ -19,8 +19,11 @@ pairs (both are checked). Columns:
   again plus float32 dK/dV) in p2p, for Llama-3-8B's K/V (8 heads x 128 x bf16, K and V: 4 KiB a token), from
   :meth:`~hf_ringcp.ring.layout.Placement.travelling` (what the ring sends); ``kv_vs_zigzag``: the same over
   ``zigzag``'s on that row; ``kv_ag_MiB``: the all-gather's (each rank's buffer padded to the largest);
-- ``steps_calls``: the most block calls of one rank in one ring step (p2p), after grouping small calls into
-  varlen calls (:func:`hf_ringcp.ring.varlen.plan_groups`, what the ring launches);
+- ``step_calls``: the most kernel launches of one rank in one ring step (p2p) on CUDA
+  (:func:`hf_ringcp.ring.plan.step_launches` in ``"varlen"`` mode: what the ring launches);
+- ``q_gather`` / ``kv_gather``: query and K/V rows the busiest rank's packed launches read by index (copies)
+  instead of as views, per layer forward, in p2p (:func:`gathered_rows`; ``*_ag``: the all-gather's);
+  ``views``: the smallest share of a rank's p2p launches that read both sides as views;
 - ``pad``: padding tokens the layout adds (``zigzag``: each document to a multiple of ``2P``; the others only
   stretch the row to a multiple of the divisor); ``pad_work``: the share of the computed pairs that involve padding;
 - ``bound`` = real pairs / (P * max rank work): the attention efficiency the split allows at best (per-call
@@ -56,9 +59,9 @@ from hf_ringcp.ring.blocks import Kernels
 from hf_ringcp.ring.kernels import BACKENDS
 from hf_ringcp.ring.layout import Layout
 from hf_ringcp.ring.p2p import P2PRing
-from hf_ringcp.ring.plan import INF, BlockCall, MaskSpec
+from hf_ringcp.ring.plan import INF, BlockCall, MaskSpec, step_launches
 from hf_ringcp.ring.variant import RankSetup
-from hf_ringcp.ring.varlen import plan_groups
+from hf_ringcp.ring.varlen import build_schedule
 
 LAYOUTS = ("zigzag", "zigzag_global", "balanced", "contiguous", "striped")
 #: Bytes of one token's K and V in Llama-3-8B (8 K/V heads x head_dim 128 x bf16, twice).
@@ -86,7 +89,7 @@ def rank_work(layout: str, world: int, lengths: list[int], window: int | None = 
     placement = Layout.for_name(layout, world).placement(row.seq_len, row.cu_seqlens)
     mask = MaskSpec(causal=True, documents=placement.documents, window=window)
     kernels = Kernels(BACKENDS["math"], BACKENDS["math"])  # not run: the plans only
-    work, calls_p2p, calls_ag, step_calls, real_tokens = [], [], [], [], []
+    work, calls_p2p, calls_ag, step_calls, real_tokens, gathered = [], [], [], [], [], []
     is_real = torch.zeros(row.seq_len, dtype=torch.bool)
     is_real[row.real_index()] = True
     travel = placement.travelling(mask)
@@ -102,9 +105,8 @@ def rank_work(layout: str, world: int, lengths: list[int], window: int | None = 
             raise AssertionError(f"{layout} P={world} rank {r}: p2p and all-gather plans differ in work")
         work.append(pairs)
         calls_p2p.append(sum(len(calls) for calls in steps))
-        for calls in steps:
-            groups, rest = plan_groups(calls, "cpu")
-            step_calls.append(len(groups) + len(rest))
+        step_calls += [len(step_launches(calls, "varlen")) for calls in steps]
+        gathered.append((*gathered_rows(p2p, placement.local_len), *gathered_rows(gather, placement.local_len)))
         calls_ag.append(len(ag))
     expected = row.row_pairs() if window is None else None
     if expected is not None and sum(work) != expected:
@@ -118,7 +120,26 @@ def rank_work(layout: str, world: int, lengths: list[int], window: int | None = 
         "imbalance": max(work) / statistics.mean(work), "pad_work": 1 - real / sum(work) if window is None else None,
         "bound": real / (world * max(work)) if window is None else None,
         "segments": max(len(placement.segments(r)) for r in range(world)),
+        "q_gather": max(g[0] for g in gathered), "kv_gather": max(g[1] for g in gathered),
+        "views": min(g[2] for g in gathered),
+        "q_gather_ag": max(g[3] for g in gathered), "kv_gather_ag": max(g[4] for g in gathered),
     }
+
+
+def gathered_rows(variant: P2PRing | AllGatherRing, local_len: int) -> tuple[int, int, float]:
+    """Rows a rank's packed launches read by index instead of as views, per layer forward: ``(query rows,
+    K/V rows, share of the launches that read both sides as views)``. The backward gathers the same query rows
+    three times (queries, outputs, output gradients) and adds dQ / dK / dV by index over the same rows: the memory
+    passes of ``benchmarks/profile_rank.py``, counted from the schedule the ring runs on CUDA (varlen launches)."""
+    schedule = build_schedule(variant.steps(local_len), "varlen", local_len, "cpu", torch.bfloat16)
+    if schedule is None:  # every step is at most two calls, on row slices
+        return 0, 0, 1.0
+    launches = [la for step in schedule.steps for la in step]
+    count = lambda rows: 0 if isinstance(rows, slice) else rows.numel()
+    q = sum(count(la.q_rows) for la in launches)
+    kv = sum(count(la.kv_rows) for la in launches)
+    views = sum(isinstance(la.q_rows, slice) and isinstance(la.kv_rows, slice) for la in launches)
+    return q, kv, round(views / len(launches), 3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 best.append({"P": world, "dist": dist_name, "best_layout": top["layout"],
                              "imbalance": top["imbalance"], "bound": top["bound"], "pad": top["pad"]})
     columns = ["P", "dist", "docs", "layout", "tokens", "imbalance", "kv_MiB", "kv_vs_zigzag", "kv_ag_MiB",
-               "step_calls", "bound", "pad", "pad_work", "S_row", "segments", "calls_p2p", "calls_ag", "error"]
+               "step_calls", "q_gather", "kv_gather", "views", "q_gather_ag", "kv_gather_ag", "bound", "pad",
+               "pad_work", "S_row", "segments", "calls_p2p", "calls_ag", "error"]
     table = markdown_table(rows, columns)
     best_table = markdown_table(best, ["P", "dist", "best_layout", "imbalance", "bound", "pad"])
     info["seconds"] = round(time.perf_counter() - start, 1)
@@ -175,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         "computed pairs that involve padding; calls_* = block calls of the busiest rank (forward); tokens = max / "
         "mean real tokens of a rank; kv_MiB = K/V bytes the busiest rank sends per layer in p2p (forward, Llama-3-8B "
         "K/V: 4 KiB a token), kv_vs_zigzag = over zigzag's, kv_ag_MiB = the all-gather's; step_calls = most kernel "
-        "calls of a rank in one p2p ring step after varlen grouping."
+        "launches of a rank in one p2p ring step (CUDA); q_gather / kv_gather = query / K/V rows its packed launches "
+        "gather by index per layer forward (the rest are views); views = share of launches reading views only."
     )
     per_rank = "\n".join(f"- P={r['P']} {r['dist']} {r['layout']}: {r['work']}" for r in rows if "work" in r)
     md = f"{note}\n\n{table}\n\nBest layout per row (highest bound):\n\n{best_table}\n\nWork per rank:\n\n{per_rank}"

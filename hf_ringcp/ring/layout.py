@@ -17,13 +17,16 @@ plan of a rank against any K/V buffer (:meth:`Placement.plan`). The layouts:
   same causal work (see :class:`Balanced`); only the rows other ranks' queries see travel (:class:`Travel`). One
   document is placed exactly as ``"zigzag"`` places it (length divisible by ``2P``).
 
-A rank's local tensor is the concatenation of its segments in increasing global order. Everything here is pure
-index arithmetic, plus the two functions that move whole sequences (:func:`shard_sequence`,
-:func:`unshard_sequence`).
+A rank's local tensor is the concatenation of its segments: in increasing global order, except under
+``"balanced"``, whose ranks hold the rows that see other ranks' keys last, heads before tails, so that each ring
+step reads its queries and keys as runs of rows (views) instead of gathering them. Use :func:`local_positions`
+(or the ``ShardInfo``) for where a local row sits in the sequence. Everything here is pure index arithmetic,
+plus the two functions that move whole sequences (:func:`shard_sequence`, :func:`unshard_sequence`).
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 import math
@@ -36,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from hf_ringcp.ring.group import all_gather_single, group_rank_and_size
-from hf_ringcp.ring.plan import BlockCall, MaskSpec, Segment, plan_calls
+from hf_ringcp.ring.plan import DENSE_ROWS, BlockCall, MaskSpec, Segment, plan_calls
 
 
 def check_documents(cu_seqlens: Sequence[int] | torch.Tensor | None, seq_len: int) -> tuple[int, ...] | None:
@@ -452,9 +455,13 @@ def _first_within(end: int, room: float) -> int:
     return min(m, end)
 
 
+#: Every rank's token ranges ``[a, b)``.
+Pieces = tuple[tuple[tuple[int, int], ...], ...]
+
+
 @functools.lru_cache(maxsize=64)
-def balanced_pieces(world: int, seq_len: int, docs: tuple[int, ...] | None) -> tuple[tuple[tuple[int, int], ...], ...]:
-    """Global token ranges ``[a, b)`` each rank holds under ``"balanced"``, in global order (see :class:`Balanced`)."""
+def balanced_pieces(world: int, seq_len: int, docs: tuple[int, ...] | None) -> Pieces:
+    """Global token ranges ``[a, b)`` each rank holds under ``"balanced"``, in local order (see :class:`Balanced`)."""
     bounds = docs or (0, seq_len)
     cap = seq_len // world
     lengths = [(b - a, a) for a, b in itertools.pairwise(bounds)]
@@ -511,7 +518,49 @@ def balanced_pieces(world: int, seq_len: int, docs: tuple[int, ...] | None) -> t
             end = m
     if tokens != [cap] * world:
         raise AssertionError(f"balanced placement left ranks with {tokens} tokens, not {cap} each")
-    return tuple(tuple(sorted(p)) for p in pieces)
+    return _rows_order(pieces, bounds)
+
+
+def _rows_order(pieces: list[list[tuple[int, int]]], bounds: tuple[int, ...]) -> Pieces:
+    """Every rank's pieces in the local order its ring steps read as runs of consecutive rows.
+
+    At a step against another rank's keys only the pieces that see keys elsewhere have work: a split document's
+    head and tail, a cut document's later piece. Putting them after every piece that sees nothing remote (home
+    documents, the first chunk of a document), heads before tails, makes the queries of a step one run of local
+    rows, so that a packed launch reads them as views instead of gathering them; the sent buffers keep this order
+    (:class:`Travel`), so the keys of a step are runs too. Classes, each in global order: 0 sees no remote key
+    (the first zigzag chunk last: rank 0's heads, which others read as a run); 1 sees one and is followed by a
+    piece of its document on this rank (a zigzag head); 2 sees one after a piece of its document here (a zigzag
+    tail); 3 sees one, alone on this rank (a cut document's tail). A split document of more than
+    :data:`~hf_ringcp.ring.plan.DENSE_ROWS` tokens here keeps its pieces side by side before all of them: its
+    calls run alone on the dense kernel anyway, and side by side its head and tail make one call instead of two,
+    without breaking the runs of the others.
+    """
+    doc = lambda a: bisect.bisect_right(bounds, a) - 1
+    holders: dict[int, list[tuple[int, int]]] = {}
+    for r, mine in enumerate(pieces):
+        for a, _ in mine:
+            holders.setdefault(doc(a), []).append((a, r))
+    out = []
+    for r, mine in enumerate(pieces):
+        here: dict[int, list[int]] = {}
+        for a, _ in sorted(mine):
+            here.setdefault(doc(a), []).append(a)
+        keys = {}
+        for d, starts in here.items():
+            elsewhere = min((a for a, owner in holders[d] if owner != r), default=None)
+            held = sum(b - a for a, b in mine if doc(a) == d)
+            for a in starts:
+                if len(starts) > 1 and held > DENSE_ROWS and elsewhere is not None:
+                    keys[a] = (-1, 0, starts[0], a)  # a large split document: its pieces side by side, first
+                elif elsewhere is None or elsewhere > a:
+                    keys[a] = (0, int(a < starts[-1]), a, a)
+                elif len(starts) == 1:
+                    keys[a] = (3, 0, a, a)
+                else:
+                    keys[a] = (1 if a < starts[-1] else 2, 1, a, a)
+        out.append(tuple(sorted(mine, key=lambda p: keys[p[0]])))
+    return tuple(out)
 
 
 class Balanced(ZigzagGlobal):
@@ -529,7 +578,9 @@ class Balanced(ZigzagGlobal):
     3. a document that fits no rank's remaining tokens is cut: its tail fills the rank with the most room, its
        head is placed the same way next.
 
-    A rank's segments are in global order. Under a causal mask a document held by one rank is seen by no other,
+    A rank's segments are in the order of :func:`_rows_order` (what sees nothing remote first, then heads, then
+    tails: each ring step's queries are one run of rows); the buffers a ring sends are in global order. Under a
+    causal mask a document held by one rank is seen by no other,
     so a ring sends only the pieces of split documents (:class:`Travel`); with no long document and sizes that
     balance, nothing at all. With ``P = 2`` and documents ``A`` (8 tokens), ``B`` (4), ``C`` (4), ``D`` (16),
     ``A`` and ``D`` are heavier than what a rank can hold whole, so they are zigzagged; ``B`` and ``C`` stay home::

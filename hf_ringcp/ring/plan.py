@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -266,7 +267,8 @@ class Launch:
 
     @property
     def causal(self) -> bool:
-        return self.kind != "masked" and self.calls[0].causal
+        # A one-token document's 1x1 block may lead a causal launch: any causal square makes the launch causal.
+        return self.kind != "masked" and any(c.causal for c in self.calls)
 
 
 def step_launches(calls: tuple[BlockCall, ...], mode: str, dense_rows: int = DENSE_ROWS) -> tuple[Launch, ...]:
@@ -287,16 +289,74 @@ def step_launches(calls: tuple[BlockCall, ...], mode: str, dense_rows: int = DEN
     small = [c for c in calls if not alone(c)]
     if mode == "varlen":
         # A 1x1 block (a one-token document) is a causal square too: it joins the causal launch after its squares
-        # (the launch's mask follows its first call) instead of costing a dense call of its own.
+        # (a launch is causal if any of its calls is) instead of costing a dense call of its own.
         point = lambda c: c.kind == "full" and c.q_end - c.q_start == 1 and c.kv_end - c.kv_start == 1
         causal = [c for c in small if c.kind == "causal"]
         groups = [causal + [c for c in small if point(c)] if causal else [],
                   [c for c in small if c.kind == "full" and not (causal and point(c))]]
     else:
         groups = [small]
-    for group in groups:
-        if len(group) == 1:
-            out.append(Launch("call", (group[0],)))
-        elif group:
-            out.append(Launch(mode, tuple(group)))
+    groups = [g for g in groups if g]
+    if mode == "varlen":
+        groups = _view_parts(groups)
+    for part in groups:
+        out.append(Launch("call", (part[0],)) if len(part) == 1 else Launch(mode, tuple(part)))
     return tuple(out)
+
+
+#: Most launches of a step's small calls (each kind's calls are one launch, or split into runs read as views).
+STEP_LAUNCHES = 2
+
+
+def runs(calls: list[BlockCall]) -> list[list[BlockCall]]:
+    """``calls`` as runs: calls whose query rows and key rows each continue the previous call's, in order.
+
+    A run of a varlen launch reads its query and K/V rows as two slices (views): no gathered copies, output
+    writes and gradient sums in place. Runs grow in key order, so that queries which see several runs of keys
+    (the tails of every document against another rank's heads, then against its tails) make one run per run of
+    keys instead of repeating their rows in one launch.
+    """
+    open_runs: dict[tuple[int, int], list[BlockCall]] = {}
+    out: list[list[BlockCall]] = []
+    for c in sorted(calls, key=lambda c: (c.kv_start, c.q_start)):
+        run = open_runs.pop((c.q_start, c.kv_start), None)
+        if run is None:
+            run = []
+            out.append(run)
+        run.append(c)
+        open_runs[c.q_end, c.kv_end] = run
+    return out
+
+
+def _view_parts(groups: list[list[BlockCall]]) -> list[list[BlockCall]]:
+    """The launches of a step's small calls (``groups``: one list per kind): each kind as one launch, as its
+    :func:`runs`, or as its largest run plus one launch for the rest, whichever combination gathers the fewest
+    rows (:func:`gathered_cost`) within :data:`STEP_LAUNCHES` launches, so that the launches of a step never
+    grow with the documents."""
+    options = []
+    for calls in groups:
+        mine = [[sorted(calls, key=lambda c: (c.q_start, c.kv_start))]]
+        parts = runs(calls)
+        if len(parts) > 1:
+            parts.sort(key=lambda run: sum((c.q_end - c.q_start) * (c.kv_end - c.kv_start) for c in run),
+                       reverse=True)
+            rest = sorted((c for run in parts[1:] for c in run), key=lambda c: (c.q_start, c.kv_start))
+            mine.append([parts[0], rest])
+            if len(parts) <= STEP_LAUNCHES:
+                mine.append(parts)
+        options.append(mine)
+    best = min((choice for choice in itertools.product(*options) if sum(map(len, choice)) <= STEP_LAUNCHES),
+               key=lambda choice: (sum(gathered_cost(la) for part in choice for la in part),
+                                   sum(map(len, choice))))
+    return [la for part in best for la in part]
+
+
+def gathered_cost(calls: list[BlockCall], q_weight: int = 4) -> int:
+    """Rows a varlen launch of ``calls`` (in order) reads by index: its query rows (``q_weight`` each: a query row
+    is copied three times and its gradient summed by index, and a Llama query has four times the heads of its K/V)
+    unless they are one run of consecutive rows, and its key rows unless they are."""
+    def rows(ranges: list[tuple[int, int]]) -> int:
+        consecutive = all(b == c for (_, b), (c, _) in itertools.pairwise(ranges))
+        return 0 if consecutive else sum(b - a for a, b in ranges)
+    return (q_weight * rows([(c.q_start, c.q_end) for c in calls])
+            + rows([(c.kv_start, c.kv_end) for c in calls]))

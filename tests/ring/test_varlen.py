@@ -38,7 +38,8 @@ def _cases(rank: int, world: int) -> dict:
     _with_loop_varlen(calls)
     results = {}
     for i, (layout, comm, window, dtype) in enumerate(
-        (layout, comm, window, dtype) for layout in ("zigzag", "contiguous", "striped") for comm in ("p2p", "allgather")
+        (layout, comm, window, dtype) for layout in ("zigzag", "contiguous", "striped", "balanced")
+        for comm in ("p2p", "allgather")
         for window in (None, 2 * world + 1) for dtype in TOLERANCE
     ):
         results[(layout, comm, window, dtype)] = _document_errors(rank, world, layout, comm, window, dtype, False,
