@@ -25,20 +25,67 @@ variants at one length: a correctness check). An out-of-memory error is caught, 
 recorded as ``OOM``. Then, per variant, the longest length that trains is searched in multiples of 8K, within a
 time budget (a probe is one step; probes predicted to overrun the budget are skipped and reported).
 
+Packed rows (``--packed lognormal mixed``; issue 23's "one LoRA step of the 8B shape at 32K on a packed row against
+the same step on one document: target within 5 %"). Every point ``VARIANT:S`` is then measured on the one-document
+row (``one``, always: the baseline) and on one packed row of ``S`` tokens per distribution named, whose documents
+have the lengths ``benchmarks.packing.document_lengths(name, S, seed=0)`` (scaled to ``S`` as that function does:
+at 32K ``lognormal`` has a median of 512 tokens, ``mixed`` is one 16K document plus 256-1024-token ones). The tokens
+are the same random ones as the one-document row's; :func:`row_batch` cuts them into the documents and feeds them the
+way users feed packed rows, through Transformers' ``DataCollatorWithFlattening``: ``position_ids`` restarting at 0
+per document and ``labels`` with -100 on every document's first token.
+
+- ``stock`` gets ``model(input_ids, labels, position_ids, use_cache=False)``. Its loss shifts the labels over the
+  whole row, and the -100 at each document's start drops the one target that would cross a boundary, so it counts
+  the same targets as ``shard_batch``'s per-document shift. Its mask: ``masking_utils`` (the same code in
+  transformers 5.17, the GPU image's, and 5.25) detects packing from ``position_ids`` that do not count up by one
+  (``find_packed_sequence_indices``) only when ``attention_mask is None`` and there is no cache (hence
+  ``use_cache=False``; with a cache the documents silently see each other), and ``sdpa_mask`` then materialises a
+  bool ``[1, 1, S, S]`` block-diagonal causal mask (1 GiB at 32K, made once per forward). ``sdpa_attention_forward``
+  passes it to ``F.scaled_dot_product_attention`` with ``is_causal=False`` and, because a mask is given, K/V
+  repeated to every query head (no ``enable_gqa``): torch's flash kernel takes no mask, so the attention runs on a
+  masked kernel over the whole ``S x S`` square, skipping nothing between documents (``sdpa_dispatch_packed`` in
+  the attention probe records which kernel). No varlen path is open to stock here: the GPU image has no flash-attn
+  (``attn_implementation="flash_attention_2"``).
+- ``ours*`` get ``shard_batch`` of the same batch (world size 1, ``--layout``): labels shifted per document, the
+  documents in the :class:`ShardInfo` the attention receives. A batch with documents makes the ``"ring"``
+  attention run the ring's own kernels even without ``force_ring`` (SDPA cannot skip the other documents), so on a
+  packed row ``ours`` runs what ``ours_cudnn`` runs (backend ``"auto"``, cuDNN first): documents longer than the
+  plan's dense threshold as cuDNN calls, the short ones grouped into flash varlen calls
+  (``hf_ringcp.ring.varlen``).
+- ``--layout`` (default: the library's, ``zigzag``) picks the ``ours*`` layout. At world size 1 every layout keeps the
+  row in order on the one rank, so ``zigzag``, ``zigzag_global`` and ``balanced`` run the same attention, except for
+  padding: ``zigzag`` pads every odd-length document by one token (its divisor ``2P`` per document),
+  ``zigzag_global``/``balanced`` only the row's end (the ``pad`` column). The ring itself (P > 1) is
+  ``benchmarks/ring_sim.py --packed``'s.
+
+The summary ``Packed rows against one document`` gives, per variant and ``S``, ``ratio`` = the packed row's step time
+/ the same variant's one-document step time (the issue's target: <= 1.05) with the number of documents, and
+``predicted_ratio``, the ratio of the ideal step times: a packed row does the same matmuls but less attention
+(``sum(n^2)`` against ``S^2``), so a step that costs what the ideal says is faster packed, not slower; a ratio above
+it is the price of the documents. The first-step losses must be equal across variants on the same row (same
+tokens, same targets; ``loss_check`` in the JSON; the script exits 1 otherwise), and the self-check also compares
+stock, ours and the ring's kernels on a tiny packed row of each distribution, losses and gradients.
+
 MFU (causal-aware, recomputation not counted): ``tokens/s * (4 * N + 6 * L * h * S) / peak`` with ``N`` the
 matmul parameters (all but the input embedding; the LM head counts), ``L * h`` = 32 * 4096 and the peak 989
 TFLOP/s (H100 SXM dense bf16), also against the 731 TFLOP/s measured for a bf16 matmul
 (``hf_ringcp.integrations.metrics.lora_train_flops_per_token``). The ideal step time counts the work actually
 done, recomputation included: ``6 * N * S / 731 TFLOP/s`` (forward, recompute, input-gradient matmuls) plus
 ``L * 9 * Hq * S^2 * D / R(S)`` (causal attention forward 2, backward 5, recompute 2, in units of
-``Hq * S^2 * D``) at the cuDNN rate ``R(S)`` measured on this H100 (FACTS.md, docs/performance.md).
+``Hq * S^2 * D``) at the cuDNN rate ``R(S)`` measured on this H100 (FACTS.md, docs/performance.md). On a packed
+row ``S^2`` becomes ``sum(n^2)`` over its documents' lengths in both (``attn_len = sum(n^2) / S``), still at
+``R(S)``: the rate of short documents' varlen calls is not modelled.
 
 Usage::
 
     PYTHONPATH=$PWD python benchmarks/train_step.py --out benchmarks/results          # GPU, ~8 minutes
     PYTHONPATH=$PWD python benchmarks/train_step.py --points ours:106496 --points-as-probes --search \
         --profile ours:32768                                                          # probes, a profile
+    PYTHONPATH=$PWD python benchmarks/train_step.py --points ours:32768 ours_cudnn:32768 stock:32768 \
+        --packed lognormal mixed --search --max-iters 2 --time-budget 420 --name train_step_packed  # ~8 min
     PYTHONPATH=$PWD python benchmarks/train_step.py --dry-run                         # CPU, tiny model
+    PYTHONPATH=$PWD python benchmarks/train_step.py --dry-run --seqlens 256 --points stock:256 ours:256 \
+        ours_cudnn:256 --packed lognormal mixed --search                              # CPU, packed rows
 
 Set ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``: the results in ``benchmarks/results`` were taken with it
 (with it the stock 32K step fits in 71 GiB; an earlier stock run, setting not recorded, ran out of memory there).
@@ -70,9 +117,12 @@ import torch.nn.functional as F
 
 import hf_ringcp
 from benchmarks.common import cuda_time_ms, env_info, markdown_table, write_results
+from benchmarks.packing import DISTRIBUTIONS, document_lengths
+from hf_ringcp.integrations.batch import SHARD_KEY
 from hf_ringcp.integrations.kernels import liger_available
 from hf_ringcp.integrations.memory import offload_to_cpu, tile_mlp
 from hf_ringcp.integrations.metrics import lora_train_flops_per_token, peak_memory_gib
+from hf_ringcp.ring import LAYOUTS
 
 K = 1024
 PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
@@ -172,6 +222,23 @@ def _compiled_layers(layers):
             layer._compiled_call_impl = None
 
 
+def row_batch(ids: torch.Tensor, dist: str) -> dict[str, torch.Tensor]:
+    """The batch of the tokens ``ids`` ``[1, S]`` laid out as the row ``dist``.
+
+    ``"one"``: one document, ``{"input_ids": ids, "labels": ids}``. Otherwise the documents of
+    ``benchmarks.packing.document_lengths(dist, S, seed=0)`` cut from ``ids`` in order and put together by
+    Transformers' ``DataCollatorWithFlattening`` (what users feed a packed row): ``input_ids``, ``labels`` (-100 on
+    every document's first token, so the stock loss's shift never asks a document's last token for the next
+    document's first) and ``position_ids`` restarting at 0 per document, all ``[1, S]`` int64 on the CPU.
+    """
+    if dist == "one":
+        return {"input_ids": ids, "labels": ids}
+    from transformers import DataCollatorWithFlattening
+
+    docs = torch.split(ids[0].cpu(), document_lengths(dist, ids.shape[-1], seed=0))
+    return dict(DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": d.tolist()} for d in docs]))
+
+
 class FakeOOM:
     """Dry runs only: raise an out-of-memory error in the forward above a length per variant (tests the handling)."""
 
@@ -255,7 +322,9 @@ class Bench:
         """``"sdpa"``, ``"ring"`` or ``"ring_kernels"`` (``"best"`` resolved)."""
         return (self.best_attn or "ring") if v.attn == "best" else v.attn
 
-    def attn_label(self, attn: str) -> str:
+    def attn_label(self, attn: str, dist: str = "one") -> str:
+        if attn == "ring" and dist != "one":  # a batch with documents runs the ring's kernels at world size 1
+            return "ring (documents: ring kernels, auto)"
         return f"ring (force_ring, {self.ring_backend})" if attn == "ring_kernels" else attn
 
     def set_attn(self, attn: str) -> None:
@@ -263,11 +332,28 @@ class Bench:
         if self.inner.config._attn_implementation != name:
             self.inner.set_attn_implementation(name)
 
+    def layout_kw(self) -> dict[str, str]:
+        """``layout=`` for ``shard_batch`` and ``context_parallel`` (nothing: the library's default)."""
+        return {} if self.args.layout is None else {"layout": self.args.layout}
+
     def context(self, v: Variant):
         """The ``hf_ringcp.context_parallel`` around a step of ``v`` (world size 1; ``force_ring`` for the kernels)."""
         if self.attn_of(v) == "ring_kernels":
-            return hf_ringcp.context_parallel(None, backend=self.ring_backend, force_ring=True)
-        return hf_ringcp.context_parallel()
+            return hf_ringcp.context_parallel(None, backend=self.ring_backend, force_ring=True, **self.layout_kw())
+        return hf_ringcp.context_parallel(**self.layout_kw())
+
+    def make_batch(self, s: int, dist: str, sharded: bool) -> tuple[dict[str, Any], list[int]]:
+        """The batch of one point and its document lengths.
+
+        The tokens are random and the same for every distribution at one length (seeded by ``s``), laid out by
+        :func:`row_batch`; with ``sharded``, ``"sharded"`` holds ``shard_batch`` of it (world 1, ``--layout``).
+        """
+        g = torch.Generator().manual_seed(s)
+        ids = torch.randint(0, self.config.vocab_size, (1, s), generator=g)
+        batch: dict[str, Any] = {k: x.to(self.device) for k, x in row_batch(ids, dist).items()}
+        if sharded:
+            batch["sharded"] = hf_ringcp.shard_batch(dict(batch), **self.layout_kw())
+        return batch, document_lengths(dist, s, seed=0)
 
     def reset_lora(self, bf16: bool) -> torch.optim.Optimizer:
         dtype = torch.bfloat16 if bf16 else torch.float32
@@ -278,35 +364,45 @@ class Bench:
 
     # ---------------------------------------------------------------------------------------------- model
 
-    def ideal_s(self, s: int) -> float:
+    def ideal_s(self, s: int, attn_len: float | None = None) -> float:
+        """Ideal step time of ``s`` tokens; ``attn_len`` (default ``s``): ``sum(n^2) / s`` over the documents'
+        lengths ``n``, the length one document would need for the same causal attention work (cuDNN rate at ``s``:
+        the rate of short documents' varlen calls is not in the model)."""
         c = self.config
         head_dim = c.hidden_size // c.num_attention_heads
+        attn_len = s if attn_len is None else attn_len
         matmul = 6 * self.n_matmul * s / (MATMUL_TFLOPS * 1e12)
-        attn = c.num_hidden_layers * 9 * c.num_attention_heads * s * s * head_dim / (cudnn_rate(s) * 1e12)
+        attn = c.num_hidden_layers * 9 * c.num_attention_heads * s * attn_len * head_dim / (cudnn_rate(s) * 1e12)
         return matmul + attn
 
-    def predict_s(self, name: str, s: int) -> float:
-        """Step time predicted from this variant's measured steps (else any variant's), else from the ideal."""
-        pts = [(r["seq_len"], r["step_s"]) for r in self.rows if r.get("step_s") and r["variant"] == name]
-        pts = pts or [(r["seq_len"], r["step_s"]) for r in self.rows if r.get("step_s")]
-        if not pts:
+    def predict_s(self, name: str, s: int, dist: str = "one") -> float:
+        """Step time predicted from this variant's measured steps on ``dist`` (else on any row, else any
+        variant's), else from the ideal."""
+        measured = [r for r in self.rows if r.get("step_s")]
+        rows = ([r for r in measured if r["variant"] == name and r.get("dist", "one") == dist]
+                or [r for r in measured if r["variant"] == name] or measured)
+        if not rows:
             return 2.0 * self.ideal_s(s)
         # time ~ ideal(s) * ratio, with the ratio of the nearest measured length
-        s0, t0 = min(pts, key=lambda p: abs(math.log2(p[0] / s)))
-        return t0 * self.ideal_s(s) / self.ideal_s(s0)
+        r0 = min(rows, key=lambda r: abs(math.log2(r["seq_len"] / s)))
+        return r0["step_s"] * self.ideal_s(s) / self.ideal_s(r0["seq_len"])
 
     # ----------------------------------------------------------------------------------------------- step
 
     def step(self, v: Variant, batch: dict[str, torch.Tensor], opt, first: bool, info: dict[str, Any]) -> float:
         model = self.model
         if v.stock_loss:
-            loss = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+            # use_cache=False: with a cache, stock masking ignores packed position_ids (FACTS.md)
+            loss = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
+                         use_cache=False).loss
             if first:
                 self.sync()
                 info["after_fwd_gib"], info["fwd_peak_gib"] = self.mem_gib()
             loss.backward()
         else:
-            with self.context(v):
+            with self.context(v) as ring:
+                if first:
+                    info["layout"] = ring.layout
                 ctx = offload_to_cpu(prefetch=v.prefetch) if v.memory else contextlib.nullcontext()
                 with ctx as stats:
                     loss = hf_ringcp.causal_lm_loss(model, batch["sharded"], chunk_size=self.args.chunk_size)
@@ -338,20 +434,27 @@ class Bench:
         return stack
 
     def measure(self, name: str, s: int, warmup: int | None = None, iters: int | None = None,
-                probe: bool = False) -> dict[str, Any]:
+                probe: bool = False, dist: str = "one") -> dict[str, Any]:
+        """Time ``name`` at ``s`` tokens on the row ``dist`` (``"one"`` document, or a packed row of
+        :data:`benchmarks.packing.DISTRIBUTIONS`, see :meth:`make_batch`); record and return the row."""
         v = VARIANTS[name]
         attn = self.attn_of(v)
-        row: dict[str, Any] = dict(variant=name, attn=self.attn_label(attn), seq_len=s, probe=probe,
+        lengths = document_lengths(dist, s, seed=0)
+        row: dict[str, Any] = dict(label=f"{name}:{s}:{dist}", variant=name, attn=self.attn_label(attn, dist),
+                                   seq_len=s, dist=dist, docs=len(lengths), probe=probe,
                                    lora_dtype="bf16" if v.lora_bf16 else "fp32", memory_savers=v.memory,
                                    liger=",".join(v.liger), compiled=v.compile)
+        # sum(n^2) / s: one document of this length would cost the row's causal attention (MFU, ideal)
+        attn_len = sum(n * n for n in lengths) / s
         if v.liger and not liger_available():
             row["status"] = "skipped (liger-kernel not installed, or no CUDA)"
             return self.record(row)
-        smaller_oom = [r for r in self.rows if r["variant"] == name and r["status"] == "OOM" and r["seq_len"] < s]
+        smaller_oom = [r for r in self.rows if r["variant"] == name and r["status"] == "OOM" and r["seq_len"] < s
+                       and r.get("dist", "one") == dist]
         if smaller_oom:
             row["status"] = f"OOM (not run: OOM at {smaller_oom[0]['seq_len'] // K}K)"
             return self.record(row)
-        est = self.predict_s(name, s)
+        est = self.predict_s(name, s, dist)
         if warmup is None:
             warmup = 1
         if iters is None:
@@ -360,15 +463,15 @@ class Bench:
         if need > self.left_s():
             row["status"] = f"skipped (time: needs ~{need:.0f} s, {self.left_s():.0f} s left)"
             return self.record(row)
-        self.log(f"{name} ({self.attn_label(attn)}) S={s}: warmup {warmup}, {iters} timed, predicted {est:.1f} s/step")
+        self.log(f"{name} ({row['attn']}) S={s} {dist} ({len(lengths)} documents): warmup {warmup}, "
+                 f"{iters} timed, predicted {est:.1f} s/step")
         self.set_attn(attn)
         if self.fake_oom is not None:
             self.fake_oom.variant = name
-        g = torch.Generator().manual_seed(s)
-        ids = torch.randint(0, self.config.vocab_size, (1, s), generator=g).to(self.device)
-        batch = {"input_ids": ids, "labels": ids}
-        if not v.stock_loss:
-            batch["sharded"] = hf_ringcp.shard_batch({"input_ids": ids, "labels": ids})
+        batch, _ = self.make_batch(s, dist, sharded=not v.stock_loss)
+        if "sharded" in batch:
+            shard = batch["sharded"].get(SHARD_KEY)
+            row["pad"] = 0 if shard is None else shard.added
         opt = self.reset_lora(v.lora_bf16)
         variant_setup = self.setup(v)
         self.free()
@@ -397,12 +500,14 @@ class Bench:
         timed = times[warmup:] or times
         step_s = statistics.median(timed)
         c = self.config
-        flops_tok = lora_train_flops_per_token(self.n_matmul, c.num_hidden_layers, c.hidden_size, s)
+        # attention FLOPs of the row's documents (attn_len = s for one document); padding is not counted
+        flops_tok = lora_train_flops_per_token(self.n_matmul, c.num_hidden_layers, c.hidden_size, attn_len)
         tok_s = s / step_s
+        ideal = self.ideal_s(s, attn_len)
         row.update(
-            status="ok", step_s=step_s, steps_s=timed, tokens_per_s=tok_s,
+            status="ok", step_s=step_s, steps_s=timed, tokens_per_s=tok_s, attn_len=round(attn_len, 1),
             mfu_989=tok_s * flops_tok / (PEAK_TFLOPS * 1e12), mfu_731=tok_s * flops_tok / (MATMUL_TFLOPS * 1e12),
-            ideal_s=self.ideal_s(s), pct_of_ideal=self.ideal_s(s) / step_s,
+            ideal_s=ideal, pct_of_ideal=ideal / step_s,
         )
         self.log(f"  {step_s:.2f} s/step, {tok_s:,.0f} tok/s, MFU {row['mfu_989']:.1%}, "
                  f"{row['pct_of_ideal']:.1%} of ideal, peak {row.get('peak_gib')} GiB, loss {row['loss']:.4f}")
@@ -429,14 +534,16 @@ class Bench:
     # --------------------------------------------------------------------------------------------- search
 
     def status_of(self, name: str) -> tuple[int | None, int | None]:
-        ok = [r["seq_len"] for r in self.rows if r["variant"] == name and r["status"] == "ok"]
-        bad = [r["seq_len"] for r in self.rows if r["variant"] == name and r["status"] == "OOM"]
+        """Longest length that trained and shortest that ran out of memory, on one document (the search's rows)."""
+        rows = [r for r in self.rows if r["variant"] == name and r.get("dist", "one") == "one"]
+        ok = [r["seq_len"] for r in rows if r["status"] == "ok"]
+        bad = [r["seq_len"] for r in rows if r["status"] == "OOM"]
         return (max(ok) if ok else None), (min(bad) if bad else None)
 
     def memory_ceiling(self, name: str) -> int | None:
         """Longest length predicted by a straight line through this variant's peak memory (GPU only)."""
-        pts = sorted({r["seq_len"]: r["peak_gib"] for r in self.rows
-                      if r["variant"] == name and r["status"] == "ok" and r.get("peak_gib")}.items())
+        pts = sorted({r["seq_len"]: r["peak_gib"] for r in self.rows if r["variant"] == name and r["status"] == "ok"
+                      and r.get("peak_gib") and r.get("dist", "one") == "one"}.items())
         if not self.cuda or len(pts) < 2:
             return None
         (s0, m0), (s1, m1) = pts[-2], pts[-1]
@@ -494,7 +601,7 @@ class Bench:
                 g = torch.Generator().manual_seed(0 if fixed else i)
                 half = torch.randint(0, self.config.vocab_size, (1, s // 2), generator=g)
                 ids = torch.cat([half, half], dim=1).to(self.device)
-                batch = {"sharded": hf_ringcp.shard_batch({"input_ids": ids, "labels": ids})}
+                batch = {"sharded": hf_ringcp.shard_batch({"input_ids": ids, "labels": ids}, **self.layout_kw())}
                 losses.append(float(self.step(v, batch, opt, first=False, info={})))
             curves[name] = losses
             del opt
@@ -514,7 +621,7 @@ class Bench:
 
     # --------------------------------------------------------------------------------------------- profile
 
-    def profile(self, name: str, s: int) -> dict[str, Any]:
+    def profile(self, name: str, s: int, dist: str = "one") -> dict[str, Any]:
         """One warm-up step, then one step under torch.profiler: device time by kernel category, top kernels."""
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity
@@ -522,9 +629,7 @@ class Bench:
 
         v = VARIANTS[name]
         self.set_attn(self.attn_of(v))
-        ids = torch.randint(0, self.config.vocab_size, (1, s), generator=torch.Generator().manual_seed(s))
-        ids = ids.to(self.device)
-        batch = {"input_ids": ids, "labels": ids, "sharded": hf_ringcp.shard_batch({"input_ids": ids, "labels": ids})}
+        batch, _ = self.make_batch(s, dist, sharded=not v.stock_loss)
         opt = self.reset_lora(v.lora_bf16)
         variant_setup = self.setup(v)
         info: dict[str, Any] = {}
@@ -554,10 +659,10 @@ class Bench:
             by_cat[cat] = by_cat.get(cat, 0.0) + e.self_device_time_total / 1e6
         total = sum(by_cat.values())
         top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
-        result = dict(variant=name, seq_len=s, profiled_step_wall_s=round(wall, 3), kernel_s=round(total, 3),
+        result = dict(variant=name, seq_len=s, dist=dist, profiled_step_wall_s=round(wall, 3), kernel_s=round(total, 3),
                       by_category_s={k: round(x, 3) for k, x in sorted(by_cat.items(), key=lambda kv: -kv[1])},
                       top_kernels=[(e.key[:120], e.count, round(e.self_device_time_total / 1e6, 4)) for e in top])
-        self.log(f"profile {name} S={s}: step {wall:.2f} s (profiled), kernels {total:.2f} s: "
+        self.log(f"profile {name} S={s} {dist}: step {wall:.2f} s (profiled), kernels {total:.2f} s: "
                  f"{result['by_category_s']}")
         for k, n, t in result["top_kernels"]:
             print(f"  {t:8.4f} s  x{n:<6d} {k}")
@@ -570,8 +675,10 @@ class Bench:
 
     # ------------------------------------------------------------------------------------------ self-check
 
-    def attention_probe(self, s: int) -> dict[str, Any]:
-        """Which kernel torch's SDPA dispatch picks for the model's attention, and fwd+bwd times against cuDNN."""
+    def attention_probe(self, s: int, packed: bool = False) -> dict[str, Any]:
+        """Which kernel torch's SDPA dispatch picks for the model's attention, and fwd+bwd times against cuDNN;
+        with ``packed``, also the kernel it picks for stock's packed rows (``sdpa_dispatch_packed``: a bool
+        ``[1, 1, S, S]`` mask and K/V repeated to every query head, as Transformers' sdpa passes them)."""
         from torch.nn.attention import SDPBackend
 
         c = self.config
@@ -589,6 +696,16 @@ class Bench:
             out["sdpa_dispatch"] = SDPBackend(choice).name
         except Exception as e:  # an internal op: report, do not fail the benchmark
             out["sdpa_dispatch"] = f"unknown ({type(e).__name__})"
+        if packed:
+            mask = torch.ones(1, 1, s, s, dtype=torch.bool, device=self.device).tril_()
+            rep = c.num_attention_heads // c.num_key_value_heads
+            try:
+                choice = torch._fused_sdp_choice(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), mask,
+                                                 0.0, False)
+                out["sdpa_dispatch_packed"] = SDPBackend(choice).name
+            except Exception as e:
+                out["sdpa_dispatch_packed"] = f"unknown ({type(e).__name__})"
+            del mask
         flops = 7 * c.num_attention_heads * s * s * d
 
         def run_sdpa():
@@ -605,9 +722,12 @@ class Bench:
         self.log(f"attention at S={s}: {out}")
         return out
 
-    def self_check(self) -> dict[str, Any]:
+    def self_check(self, packed: tuple[str, ...] = ()) -> dict[str, Any]:
         """On the benchmark's device, with a tiny float32 model: stock loss == ours == the ring's own kernels
-        (``force_ring``, backend ``"auto"``: float32 rules cuDNN out), memory savers change nothing."""
+        (``force_ring``, backend ``"auto"``: float32 rules cuDNN out), memory savers change nothing; and, for
+        each distribution of ``packed``, stock == ours == the ring's kernels (losses and gradients) on a packed
+        row of 256 tokens fed as :meth:`make_batch` feeds it (stock with ``position_ids``, ours sharded with
+        ``--layout``)."""
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -625,19 +745,20 @@ class Bench:
         ids = torch.randint(0, TINY_CONFIG["vocab_size"], (1, 256), generator=torch.Generator().manual_seed(0))
         ids = ids.to(self.device)
 
-        def run(kind: str):
+        def run(kind: str, batch: dict[str, torch.Tensor] | None = None):
+            batch = batch or {"input_ids": ids, "labels": ids}
             m = tiny()
             if kind == "stock":
                 m.get_base_model().set_attn_implementation("sdpa")
-                loss = m(input_ids=ids, labels=ids, use_cache=False).loss
+                loss = m(**batch, use_cache=False).loss
                 loss.backward()
             else:
                 tiles = tile_mlp(m, 48) if kind == "mem" else None
                 forced = dict(backend="auto", force_ring=True) if kind == "kernels" else {}
-                with hf_ringcp.context_parallel(None, **forced):
+                with hf_ringcp.context_parallel(None, **forced, **self.layout_kw()):
                     ctx = offload_to_cpu(min_bytes=0) if kind == "mem" else contextlib.nullcontext()
                     with ctx:
-                        loss = hf_ringcp.causal_lm_loss(m, hf_ringcp.shard_batch({"input_ids": ids, "labels": ids}),
+                        loss = hf_ringcp.causal_lm_loss(m, hf_ringcp.shard_batch(batch, **self.layout_kw()),
                                                         chunk_size=100)
                     loss.backward()
                 if tiles is not None:
@@ -651,6 +772,13 @@ class Bench:
         result = dict(loss_ours_vs_stock=rel(l1, l0), grad_ours_vs_stock=max(map(rel, g1, g0)),
                       grad_mem_vs_ours=max(map(rel, g2, g1)), loss_kernels_vs_stock=rel(l3, l0),
                       grad_kernels_vs_stock=max(map(rel, g3, g0)))
+        for dist in packed:
+            batch = {k: x.to(self.device) for k, x in row_batch(ids.cpu(), dist).items()}
+            (l0, g0), (l1, g1), (l3, g3) = run("stock", batch), run("ours", batch), run("kernels", batch)
+            result.update({f"{dist}_loss_ours_vs_stock": rel(l1, l0),
+                           f"{dist}_grad_ours_vs_stock": max(map(rel, g1, g0)),
+                           f"{dist}_loss_kernels_vs_stock": rel(l3, l0),
+                           f"{dist}_grad_kernels_vs_stock": max(map(rel, g3, g0))})
         result["passed"] = all(x <= 1e-4 for x in result.values())
         self.log(f"self-check: {result}")
         if not result["passed"]:
@@ -671,8 +799,40 @@ def plan(seqlens: list[int]) -> list[tuple[str, int]]:
     return points
 
 
-COLUMNS = ["variant", "attn", "seq_len", "status", "step_s", "first_step_s", "tokens_per_s", "mfu_989", "mfu_731",
-           "pct_of_ideal", "peak_gib", "after_fwd_gib", "offloaded_gib", "prefetched", "loss"]
+COLUMNS = ["variant", "attn", "layout", "seq_len", "dist", "docs", "status", "step_s", "first_step_s", "tokens_per_s",
+           "mfu_989", "mfu_731", "pct_of_ideal", "peak_gib", "after_fwd_gib", "offloaded_gib", "prefetched", "loss"]
+
+
+PACKED_COLUMNS = ["variant", "seq_len", "dist", "docs", "pad", "layout", "step_s", "one_step_s", "ratio",
+                  "predicted_ratio", "loss"]
+
+
+def packed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per measured packed row (not a probe): its step time as a ratio of the same variant's step on one document
+    of the same length (``ratio``; the issue's target is <= 1.05), and the ratio of the ideal step times
+    (``predicted_ratio``: the row's attention work ``sum(n^2)`` against ``S^2``, same matmuls)."""
+    timed = [r for r in rows if r.get("status") == "ok" and not r.get("probe")]
+    one = {(r["variant"], r["seq_len"]): r for r in timed if r.get("dist", "one") == "one"}
+    out = []
+    for r in timed:
+        base = one.get((r["variant"], r["seq_len"]))
+        if r.get("dist", "one") == "one" or base is None:
+            continue
+        out.append(dict({k: r.get(k) for k in PACKED_COLUMNS if k in r}, one_step_s=base["step_s"],
+                        ratio=r["step_s"] / base["step_s"], predicted_ratio=r["ideal_s"] / base["ideal_s"]))
+    return out
+
+
+def loss_check(rows: list[dict[str, Any]], rel_tol: float) -> dict[str, Any]:
+    """First-step losses of the variants on the same row (``S`` and distribution: the same tokens and targets):
+    equal within ``rel_tol`` of the loss, else the variants do not train on the same thing."""
+    groups: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r.get("loss") is not None:
+            groups.setdefault(f"{r['seq_len']}:{r.get('dist', 'one')}", {})[r["variant"]] = r["loss"]
+    spread = {k: (max(v.values()) - min(v.values())) / abs(statistics.mean(v.values())) for k, v in groups.items()}
+    return dict(rel_tol=rel_tol, losses=groups, rel_spread=spread,
+                passed=all(x <= rel_tol for x in spread.values()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -694,13 +854,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--best-attn-at", type=int, default=32 * K, help="length at which ours_mem picks its attention")
     p.add_argument("--no-self-check", action="store_true")
     p.add_argument("--no-attention-probe", action="store_true")
-    p.add_argument("--profile", nargs="*", default=[], help="VARIANT:S points to profile (one step each, at the end)")
+    p.add_argument("--profile", nargs="*", default=[],
+                   help="VARIANT:S[:DIST] points to profile (one step each, at the end)")
+    p.add_argument("--packed", nargs="+", default=None, choices=DISTRIBUTIONS, metavar="DIST",
+                   help=f"also measure every point on a packed row of these distributions ({', '.join(DISTRIBUTIONS)};"
+                        " 'one' is the one-document row, always measured: the ratio's baseline)")
+    p.add_argument("--layout", default=None, choices=LAYOUTS,
+                   help="layout of the ours* variants' shard_batch and context_parallel (default: the library's)")
     p.add_argument("--loss-curve", default=None, metavar="STEPS:S",
                    help="float32 against bf16 adapters over STEPS steps at S tokens (before the points)")
     p.add_argument("--loss-curve-lr", type=float, default=2e-4)
     p.add_argument("--loss-curve-fixed", action="store_true", help="the same batch every step (memorisation)")
     p.add_argument("--out", default=None, help="results folder (default: benchmarks/results; dry run: none)")
     args = p.parse_args(argv)
+    dists = ("one", *dict.fromkeys(d for d in (args.packed or ()) if d != "one"))
     if args.dry_run:
         args.seqlens = args.seqlens or [256, 512, 1024]
         args.search_step = args.search_step or 128
@@ -727,9 +894,9 @@ def main(argv: list[str] | None = None) -> int:
                                  n_lora=bench.n_lora, chunk_size=args.chunk_size, tile_tokens=args.tile_tokens)
     try:
         if not args.no_self_check:
-            extra["self_check"] = bench.self_check()
+            extra["self_check"] = bench.self_check(dists[1:])
         if not args.no_attention_probe:
-            extra["attention"] = [bench.attention_probe(min(args.best_attn_at, max(args.seqlens)))]
+            extra["attention"] = [bench.attention_probe(min(args.best_attn_at, max(args.seqlens)), len(dists) > 1)]
         if args.loss_curve:
             steps, s = (int(x) for x in args.loss_curve.split(":"))
             extra["loss_curve"] = bench.loss_curve(steps, s, args.loss_curve_lr, args.loss_curve_fixed)
@@ -739,23 +906,35 @@ def main(argv: list[str] | None = None) -> int:
             points = [(x.split(":")[0], int(x.split(":")[1])) for x in args.points]
             probes = {i for i, x in enumerate(args.points) if x.endswith(":probe") or args.points_as_probes}
         for i, (name, s) in enumerate(points):
-            if i in probes:
-                bench.measure(name, s, warmup=0, iters=1, probe=True)
-                continue
-            if name == "ours_mem" and bench.best_attn is None:
-                ref = {r["variant"]: r.get("step_s") for r in bench.rows if r["seq_len"] == args.best_attn_at}
-                if ref.get("ours") and ref.get("ours_cudnn"):
-                    bench.best_attn = "ring_kernels" if ref["ours_cudnn"] < ref["ours"] else "ring"
-                    bench.log(f"ours_mem uses {bench.attn_label(bench.best_attn)} (faster at {args.best_attn_at})")
-            bench.measure(name, s)
+            for dist in dists:  # one point's rows together: the time budget cuts whole points first
+                if i in probes:
+                    bench.measure(name, s, warmup=0, iters=1, probe=True, dist=dist)
+                    continue
+                if name == "ours_mem" and bench.best_attn is None:
+                    ref = {r["variant"]: r.get("step_s") for r in bench.rows
+                           if r["seq_len"] == args.best_attn_at and r["dist"] == "one"}
+                    if ref.get("ours") and ref.get("ours_cudnn"):
+                        bench.best_attn = "ring_kernels" if ref["ours_cudnn"] < ref["ours"] else "ring"
+                        bench.log(f"ours_mem uses {bench.attn_label(bench.best_attn)} (faster at {args.best_attn_at})")
+                bench.measure(name, s, dist=dist)
         extra["search"] = [bench.search(name) for name in args.search]
-        extra["profile"] = [bench.profile(x.split(":")[0], int(x.split(":")[1])) for x in args.profile]
+        extra["profile"] = [bench.profile(x.split(":")[0], int(x.split(":")[1]), *x.split(":")[2:3])
+                            for x in args.profile]
     except Exception:  # keep what was measured
         extra["error"] = traceback.format_exc()
         print(extra["error"], file=sys.stderr, flush=True)
 
     rows = bench.rows
     table = markdown_table(rows, COLUMNS)
+    extra["layout"] = args.layout or "library default"
+    extra["packed"] = packed_summary(rows)
+    # float32 on the CPU: equal to rounding (attending across documents moves the tiny model's loss by 1e-4..3e-3);
+    # bf16 on the GPU: kernels round differently (one document, H100/H200: stock = ours to 1e-7, liger 5e-5)
+    extra["loss_check"] = loss_check(rows, 1e-4 if not bench.cuda else 2e-4)
+    packed_table = markdown_table(extra["packed"], PACKED_COLUMNS)
+    if not extra["loss_check"]["passed"]:
+        print(f"LOSS CHECK FAILED: first-step losses differ between variants on one row: "
+              f"{extra['loss_check']}", file=sys.stderr)
     longest = [{k: r.get(k) for k in ("variant", "longest_ok", "first_oom", "predicted_ceiling", "note")}
                for r in extra.get("search", [])]
     md = "\n\n".join([
@@ -765,11 +944,16 @@ def main(argv: list[str] | None = None) -> int:
         f"`pct_of_ideal` = (6*N*S/731 TFLOP/s + L*9*Hq*S^2*D/cuDNN rate) / step time. Memory in GiB "
         f"(max_memory_allocated). Probes (search) are single steps without warm-up.",
         table,
+        "Packed rows against one document (the same variant, tokens and length; `ratio` = packed step time / "
+        "one-document step time, target <= 1.05; `predicted_ratio` = the ratio of the ideal step times, attention "
+        "work sum(n^2) against S^2; `pad`: tokens shard_batch added for the layout):\n\n" + packed_table,
         "Longest sequence that trains:\n\n" + markdown_table(longest, ["variant", "longest_ok", "first_oom",
                                                                          "predicted_ceiling", "note"]),
         "```json\n" + json.dumps(extra, indent=1, default=str) + "\n```",
     ])
     print(table)
+    if extra["packed"]:
+        print(packed_table)
     print(markdown_table(longest, ["variant", "longest_ok", "first_oom", "predicted_ceiling", "note"]))
     out_dir = args.out if args.out else (None if args.dry_run else "benchmarks/results")
     if out_dir:
@@ -779,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
         data["extra"] = extra
         json_path.write_text(json.dumps(data, indent=1, default=str))
         print(f"wrote {path} and {json_path.name}")
-    return 1 if "error" in extra else 0
+    return 1 if "error" in extra or not extra["loss_check"]["passed"] else 0
 
 
 if __name__ == "__main__":

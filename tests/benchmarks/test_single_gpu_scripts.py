@@ -93,3 +93,36 @@ def test_train_step_dry_run_runs_the_forced_ring(tmp_path: Path) -> None:
     assert forced and all(r["attn"] == "ring (force_ring, auto)" for r in forced)
     losses = {r["loss"] for r in rows if r["seq_len"] == 256}
     assert max(losses) - min(losses) < 1e-4
+
+
+def test_train_step_dry_run_measures_packed_rows_against_one_document(tmp_path: Path) -> None:
+    variants = ("stock", "ours", "ours_cudnn", "ours_mem")
+    proc = _run("train_step.py", "--dry-run", "--points", *(f"{v}:256" for v in variants), "--packed", "lognormal",
+                "mixed", "--layout", "balanced", "--search", "--no-attention-probe", "--max-iters", "1",
+                "--out", str(tmp_path), timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = _written(tmp_path, "train_step")
+    extra = data["extra"]
+    # the self-check compared stock, ours and the ring's kernels on a packed row of each distribution, gradients too
+    assert extra["self_check"]["passed"] and "mixed_grad_kernels_vs_stock" in extra["self_check"]
+    rows = {r["label"]: r for r in data["rows"]}
+    dists = ("one", "lognormal", "mixed")
+    assert set(rows) == {f"{v}:256:{d}" for v in variants for d in dists}
+    assert all(r["status"] == "ok" for r in rows.values())
+    for d in dists:
+        want = len(document_lengths(d, 256))
+        assert all(rows[f"{v}:256:{d}"]["docs"] == want for v in variants)
+    assert rows["ours:256:lognormal"]["docs"] > 10 and rows["ours:256:mixed"]["docs"] > 10
+    assert {rows[f"{v}:256:{d}"]["layout"] for v in variants[1:] for d in dists} == {"balanced"}
+    # the same tokens and targets on one row: the same first-step loss in every variant; the rows differ
+    for d in dists:
+        losses = [rows[f"{v}:256:{d}"]["loss"] for v in variants]
+        assert max(losses) - min(losses) < 1e-4 * losses[0], (d, losses)
+    assert len({round(rows[f"ours:256:{d}"]["loss"], 4) for d in dists}) == 3
+    assert extra["loss_check"]["passed"] and set(extra["loss_check"]["rel_spread"]) == {f"256:{d}" for d in dists}
+    ratios = {(r["variant"], r["dist"]): r for r in extra["packed"]}
+    assert set(ratios) == {(v, d) for v in variants for d in dists[1:]}
+    for (v, _), r in ratios.items():
+        assert r["ratio"] == r["step_s"] / rows[f"{v}:256:one"]["step_s"] and 0 < r["predicted_ratio"] < 1
+    (md,) = tmp_path.glob("train_step_*.md")
+    assert "Packed rows against one document" in md.read_text()
