@@ -531,10 +531,11 @@ def _rows_order(pieces: list[list[tuple[int, int]]], bounds: tuple[int, ...]) ->
     (:class:`Travel`), so the keys of a step are runs too. Classes, each in global order: 0 sees no remote key
     (the first zigzag chunk last: rank 0's heads, which others read as a run); 1 sees one and is followed by a
     piece of its document on this rank (a zigzag head); 2 sees one after a piece of its document here (a zigzag
-    tail); 3 sees one, alone on this rank (a cut document's tail). A split document of more than
-    :data:`~hf_ringcp.ring.plan.DENSE_ROWS` tokens here keeps its pieces side by side before all of them: its
-    calls run alone on the dense kernel anyway, and side by side its head and tail make one call instead of two,
-    without breaking the runs of the others.
+    tail); 3 sees one, alone on this rank (a cut document's tail); 4 is seen elsewhere but sees nothing remote,
+    alone here (a cut document's head: after the tails, so that the tails' run against another rank's tails goes
+    on into it). A document of more than :data:`~hf_ringcp.ring.plan.DENSE_ROWS` tokens here (home, or a split
+    one's pieces side by side) comes before all of them: its calls run alone on the dense kernel anyway (a split
+    one's head and tail side by side make one call instead of two), and first it breaks no run of the others.
     """
     doc = lambda a: bisect.bisect_right(bounds, a) - 1
     holders: dict[int, list[tuple[int, int]]] = {}
@@ -551,8 +552,10 @@ def _rows_order(pieces: list[list[tuple[int, int]]], bounds: tuple[int, ...]) ->
             elsewhere = min((a for a, owner in holders[d] if owner != r), default=None)
             held = sum(b - a for a, b in mine if doc(a) == d)
             for a in starts:
-                if len(starts) > 1 and held > DENSE_ROWS and elsewhere is not None:
-                    keys[a] = (-1, 0, starts[0], a)  # a large split document: its pieces side by side, first
+                if held > DENSE_ROWS and (elsewhere is None or len(starts) > 1):
+                    keys[a] = (-1, 0, starts[0], a)  # a large document: its pieces side by side, first
+                elif elsewhere is not None and elsewhere > a and len(starts) == 1:
+                    keys[a] = (4, 0, a, a)  # a cut document's head: last, after the pieces that read such heads
                 elif elsewhere is None or elsewhere > a:
                     keys[a] = (0, int(a < starts[-1]), a, a)
                 elif len(starts) == 1:

@@ -138,3 +138,30 @@ def test_one_token_documents_join_the_causal_launch(layout: str) -> None:
     launches = step_launches(calls, "varlen")
     assert [la.kind for la in launches] == ["varlen"] and launches[0].causal, launches
     assert len(launches[0].calls) == len(lengths)
+
+
+@pytest.mark.parametrize("world", [4, 8, 16])
+def test_balanced_steps_read_their_queries_as_views(world: int) -> None:
+    """On CUDA a ``balanced`` rank's p2p launches read their query rows as views, never gathered copies (the rows
+    are ordered for it: ``layout._rows_order``; the launches split into runs: ``plan.runs``): lognormal rows of
+    short documents at 32K, several draws. Query rows are the expensive side (copied three times in the backward,
+    dQ summed by index, four times the heads of a Llama K/V row)."""
+    from benchmarks.packing import document_lengths, pack
+    from hf_ringcp.ring.blocks import Kernels
+    from hf_ringcp.ring.kernels import BACKENDS
+    from hf_ringcp.ring.p2p import P2PRing
+    from hf_ringcp.ring.variant import RankSetup
+    from hf_ringcp.ring.varlen import build_schedule
+
+    kernels = Kernels(BACKENDS["math"], BACKENDS["math"])  # not run: the plans only
+    for seed in range(3):
+        row = pack(document_lengths("lognormal", 32768, seed), "balanced", world)
+        placement = Layout.for_name("balanced", world).placement(row.seq_len, row.cu_seqlens)
+        mask = MaskSpec(True, placement.documents)
+        for rank in range(world):
+            p2p = P2PRing(RankSetup(rank, world, placement, mask, kernels, scale=1.0), None, None)
+            schedule = build_schedule(p2p.steps(placement.local_len), "varlen", placement.local_len, "cpu",
+                                      torch.bfloat16)
+            gathered = [la for step in (schedule.steps if schedule else ()) for la in step
+                        if not isinstance(la.q_rows, slice)]
+            assert not gathered, (seed, rank, [la.calls for la in gathered][:2])
