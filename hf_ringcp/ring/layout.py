@@ -582,11 +582,12 @@ class Balanced(ZigzagGlobal):
        head is placed the same way next.
 
     A rank's segments are in the order of :func:`_rows_order` (what sees nothing remote first, then heads, then
-    tails: each ring step's queries are one run of rows); the buffers a ring sends are in global order. Under a
-    causal mask a document held by one rank is seen by no other,
-    so a ring sends only the pieces of split documents (:class:`Travel`); with no long document and sizes that
-    balance, nothing at all. With ``P = 2`` and documents ``A`` (8 tokens), ``B`` (4), ``C`` (4), ``D`` (16),
-    ``A`` and ``D`` are heavier than what a rank can hold whole, so they are zigzagged; ``B`` and ``C`` stay home::
+    tails: each ring step's queries are one run of rows), and the buffers a ring sends keep it. Under a causal
+    mask a document held by one rank is seen by no other, so a ring sends only the pieces of split documents
+    (:class:`Travel`); with no long document and sizes that balance, nothing at all. With ``P = 2`` and documents
+    ``A`` (8 tokens), ``B`` (4), ``C`` (4), ``D`` (16), ``A`` and ``D`` are heavier than what a rank can hold whole,
+    so they are zigzagged; ``B`` and ``C`` stay home (rank 0's local rows: ``B``, ``A``'s and ``D``'s heads, then
+    their tails)::
 
         row     | A A A A A A A A | B B B B | C C C C | D D D D D D D D D D D D D D D D |
         rank 0  | 0 0 . . . . 0 0 | 0 0 0 0 | . . . . | 0 0 0 0 . . . . . . . . 0 0 0 0 |  16 tokens, work 96
