@@ -52,8 +52,8 @@ per document and ``labels`` with -100 on every document's first token.
   packed row ``ours`` runs what ``ours_cudnn`` runs (backend ``"auto"``, cuDNN first): documents longer than the
   plan's dense threshold as cuDNN calls, the short ones grouped into flash varlen calls
   (``hf_ringcp.ring.varlen``).
-- ``--layout`` (default: the library's, ``zigzag``) picks the ``ours*`` layout. At world size 1 every layout keeps the
-  row in order on the one rank, so ``zigzag``, ``zigzag_global`` and ``balanced`` run the same attention, except for
+- ``--layout`` (default: the library's, ``zigzag``) picks the ``ours*`` layout. At world size 1 ``zigzag``,
+  ``zigzag_global`` and ``balanced`` run the same attention (``balanced`` puts documents above 2048 tokens first), but
   padding: ``zigzag`` pads every odd-length document by one token (its divisor ``2P`` per document),
   ``zigzag_global``/``balanced`` only the row's end (the ``pad`` column). The ring itself (P > 1) is
   ``benchmarks/ring_sim.py --packed``'s.

@@ -545,14 +545,15 @@ def _rows_order(pieces: list[list[tuple[int, int]]], bounds: tuple[int, ...]) ->
     out = []
     for r, mine in enumerate(pieces):
         here: dict[int, list[int]] = {}
-        for a, _ in sorted(mine):
+        held: dict[int, int] = {}
+        for a, b in sorted(mine):
             here.setdefault(doc(a), []).append(a)
+            held[doc(a)] = held.get(doc(a), 0) + b - a
         keys = {}
         for d, starts in here.items():
             elsewhere = min((a for a, owner in holders[d] if owner != r), default=None)
-            held = sum(b - a for a, b in mine if doc(a) == d)
             for a in starts:
-                if held > DENSE_ROWS and (elsewhere is None or len(starts) > 1):
+                if held[d] > DENSE_ROWS and (elsewhere is None or len(starts) > 1):
                     keys[a] = (-1, 0, starts[0], a)  # a large document: its pieces side by side, first
                 elif elsewhere is not None and elsewhere > a and len(starts) == 1:
                     keys[a] = (4, 0, a, a)  # a cut document's head: last, after the pieces that read such heads
